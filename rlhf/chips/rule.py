@@ -1,0 +1,50 @@
+"""The rule teacher: the one source of truth for "correct advice" (data labels, evaluation
+agreement and the rule reward all call it).
+
+Default rule `height` (physically motivated, learnable from digits by a tiny model):
+  the height is the package's vertical heat path. Below 34 mm the stack is too thin to spread the
+  heat the die dissipates, so increase it; at 67 mm and above it is too tall (long thermal path,
+  mechanical stress), so decrease it; in between it is balanced: no change.
+  Over heights uniform in 1..100 the classes are 33 / 33 / 34 %.
+"""
+
+from __future__ import annotations
+
+from rlhf.chips.advice import Advice
+from rlhf.chips.spec import ChipSpec
+
+RULES = ("height",)
+
+HEIGHT_LOW, HEIGHT_HIGH = 33, 67  # <= LOW: increase; >= HIGH: decrease
+
+REASONS = {
+    "en": {
+        "increase": "The chip is too thin to spread its heat; a taller package lowers thermal resistance.",
+        "decrease": "The chip is too tall; a shorter package shortens the heat path and cuts stress.",
+        "no_change": "The height is in the balanced range for heat spreading and stress; keep it.",
+    },
+    "zh": {
+        "increase": "芯片太薄,散热不足;增加高度可降低热阻。",
+        "decrease": "芯片太高,热路径过长且应力大;应减小高度。",
+        "no_change": "高度处于散热与应力的平衡区间,保持不变。",
+    },
+}
+
+
+def rule_action(spec: ChipSpec, rule: str = "height") -> str:
+    if rule != "height":
+        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+    if spec.height <= HEIGHT_LOW:
+        return "increase"
+    if spec.height >= HEIGHT_HIGH:
+        return "decrease"
+    return "no_change"
+
+
+def rule_reason(action: str, language: str = "en") -> str:
+    return REASONS[language][action]
+
+
+def rule_advice(spec: ChipSpec, language: str = "en", rule: str = "height") -> Advice:
+    action = rule_action(spec, rule)
+    return Advice(action, rule_reason(action, language))

@@ -1,0 +1,105 @@
+"""`rlhf <stage> [--config FILE.yaml] [--key value ...]`: one entry point for every stage.
+
+Each stage lives in its own module as a config dataclass and a `run(cfg) -> metrics` function that
+writes its outputs (and `metrics.json`) under `cfg.output_dir`. Modules are imported lazily so
+`rlhf --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+from rlhf.errors import UserError
+
+# stage words -> (module, config class, run function, one-line summary)
+STAGES: dict[str, tuple[str, str, str, str]] = {
+    "data preference": ("rlhf.data.preference", "PreferenceConfig", "run",
+                        "chip-advice preference pairs (+ SFT split) from the rule or an Ollama teacher"),
+    "data tabular": ("rlhf.data.tabular", "TabularDataConfig", "run",
+                     "the seed's CSVs: dims (length,width,height,action) or env (chip PPO dataset)"),
+    "tiny-model": ("rlhf.models.tiny", "TinyModelConfig", "run",
+                   "build a tiny Qwen2 model + tokenizer offline (tests, demo)"),
+    "sft": ("rlhf.sft", "SFTStageConfig", "run", "supervised warm start with TRL's SFTTrainer"),
+    "reward": ("rlhf.reward", "RewardConfig", "run", "Bradley-Terry reward model (scalar head) with TRL's RewardTrainer"),
+    "score": ("rlhf.reward", "ScoreConfig", "run_score", "print reward-model scores for prompt/response pairs"),
+    "ppo": ("rlhf.ppo.trainer", "PPOConfig", "run", "PPO on a LoRA policy with value model, reference and KL penalty"),
+    "eval": ("rlhf.evaluate", "EvalConfig", "run", "compare models on held-out chips: agreement, JSON validity, reward, KL"),
+    "export": ("rlhf.export", "ExportConfig", "run", "merge LoRA, write GGUF + Modelfile, optionally push to Ollama"),
+    "tabular train": ("rlhf.gym.classifier", "TabularTrainConfig", "run_train", "train the tabular action classifier"),
+    "tabular predict": ("rlhf.gym.classifier", "TabularPredictConfig", "run_predict", "predict an action for a chip"),
+    "gym train": ("rlhf.gym.train", "GymTrainConfig", "run_train", "stable-baselines3 PPO on the chip environment"),
+    "gym eval": ("rlhf.gym.train", "GymEvalConfig", "run_eval", "evaluate a gym agent against random and oracle"),
+    "pipeline": ("rlhf.pipeline", "PipelineConfig", "run", "data -> SFT -> reward -> PPO -> eval -> export, resumable"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, STAGES))
+    lines = ["usage: rlhf <stage> [--config FILE.yaml] [--key value ...]", "", "stages:"]
+    lines += [f"  {name.ljust(width)}  {entry[3]}" for name, entry in STAGES.items()]
+    lines += ["", "`rlhf <stage> --help` lists the keys of a stage. Every stage writes into --output_dir",
+              "and leaves its results in OUTPUT_DIR/metrics.json."]
+    return "\n".join(lines)
+
+
+def find_stage(argv: list[str]) -> tuple[str, list[str]]:
+    for n_words in (2, 1):
+        name = " ".join(argv[:n_words])
+        if len(argv) >= n_words and name in STAGES:
+            return name, argv[n_words:]
+    group = [s for s in STAGES if argv and s.split()[0] == argv[0]]
+    if group:
+        raise UserError(f"'rlhf {argv[0]}' needs one of: {', '.join(s.split()[1] for s in group)}")
+    raise UserError(f"unknown stage {argv[0]!r}; run `rlhf --help` for the list")
+
+
+def load_stage(name: str) -> tuple[type, Any, str]:
+    module_name, cfg_name, fn_name, _ = STAGES[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, cfg_name), getattr(module, fn_name), module.__doc__ or ""
+
+
+def run_stage(name: str, argv: list[str]) -> dict[str, Any]:
+    from rlhf import config as config_mod
+
+    cfg_cls, fn, doc = load_stage(name)
+    if any(a in ("-h", "--help") for a in argv):
+        print(config_mod.help_text(cfg_cls, name, doc))
+        return {}
+    cfg = config_mod.parse(cfg_cls, argv, name)
+    return fn(cfg) or {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] == "--version":
+        from rlhf import __version__
+
+        print(__version__)
+        return 0
+    try:
+        name, rest = find_stage(argv)
+        run_stage(name, rest)
+    except UserError as e:
+        print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlhf: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def script_main(stage: str) -> None:
+    """Entry point for scripts/<stage>.py (run by python, torchrun or accelerate launch)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main(stage.split() + sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

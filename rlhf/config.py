@@ -1,0 +1,220 @@
+"""Stage configs: dataclasses filled from `--config FILE.yaml`, then `--key value` overrides.
+
+The convention of TrlParser / HfArgumentParser, with errors that are one line naming the key or
+file (raised as UserError; the CLI turns them into exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from rlhf.errors import UserError
+
+T = TypeVar("T")
+
+_TRUE = {"true", "1", "yes", "on", "y"}
+_FALSE = {"false", "0", "no", "off", "n"}
+
+
+def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
+    """A dataclass field with a help text (mutable defaults go through default_factory)."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert `value` (from YAML or the command line) to the field type `tp`."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in {"none", "null"}):
+        if optional:
+            return None
+        raise UserError(f"{where}: a value is required (got null)")
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise UserError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise UserError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}: expected a string, got {type(value).__name__}")
+        return str(value)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        for c in choices:  # command-line values arrive as strings
+            if str(c) == str(value):
+                return c
+        raise UserError(f"{where}: expected one of {', '.join(map(str, choices))}; got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [coerce(v, item_tp, f"{where}[{i}]") if item_tp is not Any else v for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise UserError(f"{where}: expected a mapping (YAML/JSON), got {value!r}") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of key: value")
+    return data
+
+
+def _unknown(key: str, known: list[str], where: str) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return UserError(f"{where}: unknown key '{key}'{hint}")
+
+
+def build(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """Instantiate config dataclass `cls` from a mapping, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise _unknown(str(key), list(fields), where)
+        kwargs[name] = coerce(value, hints[name], f"{where}: key '{name}'")
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{where}: missing required key '{missing[0]}' (set it in the YAML or pass --{missing[0]} VALUE)")
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
+    return obj
+
+
+def split_overrides(argv: list[str], bool_keys: set[str]) -> tuple[str | None, dict[str, str | bool]]:
+    """Split `--config F --key value --flag --key=value` into (config path, overrides)."""
+    config: str | None = None
+    overrides: dict[str, str | bool] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or tok == "--":
+            raise UserError(f"unexpected argument {tok!r}: options are written --key value")
+        key, eq, val = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or (nxt.startswith("--") and len(nxt) > 2):
+                if key in bool_keys:
+                    val = "true"
+                else:
+                    raise UserError(f"--{key}: a value is required (write --{key} VALUE)")
+            else:
+                val = nxt
+                i += 1
+        i += 1
+        if key == "config":
+            config = val
+        else:
+            overrides[key] = val
+    return config, overrides
+
+
+def parse(cls: type[T], argv: list[str], stage: str) -> T:
+    """Build the config of `stage`: YAML first, then command-line overrides win."""
+    hints = typing.get_type_hints(cls)
+    bool_keys = {n for n, tp in hints.items() if _strip_optional(tp)[0] is bool}
+    config_path, overrides = split_overrides(argv, bool_keys)
+    values: dict[str, Any] = {}
+    if config_path:
+        data = load_yaml(config_path)
+        # A pipeline YAML may hold a section per stage; a stage run on it picks its own section.
+        section = stage.split()[-1]
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if section in data and isinstance(data[section], dict) and section not in known:
+            shared = {k: v for k, v in data.items() if not isinstance(v, dict) and k in known}
+            data = {**shared, **data[section]}
+        values.update(data)
+        where = str(config_path)
+        for key in values:
+            if str(key).replace("-", "_") not in known:
+                raise _unknown(str(key), list(known), where)
+    for key in overrides:
+        if key not in hints:
+            raise _unknown(key, list(hints), f"rlhf {stage}")
+    values.update(overrides)
+    return build(cls, values, f"rlhf {stage}" if not config_path else f"{config_path} (+ command line)")
+
+
+def help_text(cls: type, stage: str, doc: str) -> str:
+    lines = [f"usage: rlhf {stage} [--config FILE.yaml] [--key value ...]", "", doc.strip(), "", "keys:"]
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        tp = _strip_optional(hints[f.name])[0]
+        tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
+        lines.append(f"  --{f.name} {tname} (default: {default!r})")
+        if f.metadata.get("help"):
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,100 @@
+"""Atomic and append-only file writes: nothing already produced is lost when a run dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` via a temporary file + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def write_metrics(output_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
+    """Every stage leaves its results in OUTPUT_DIR/metrics.json."""
+    path = Path(output_dir) / "metrics.json"
+    atomic_write_json(path, metrics)
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """Append whole lines and fsync: a kill leaves at most one torn last line, which readers drop."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = "".join(json.dumps(r, ensure_ascii=False, default=_jsonable) + "\n" for r in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def iter_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> Iterator[dict[str, Any]]:
+    """Yield the rows of a JSONL file. A bad line raises an error naming file and line, except a
+    torn final line (no newline) when `tolerate_torn_tail`: that is what a killed writer leaves."""
+    from rlhf.errors import UserError
+
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if tolerate_torn_tail and i == len(lines) and not line.endswith("\n"):
+                return
+            raise UserError(f"{path}: line {i} is not valid JSON ({e.msg}); fix or delete that line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {i} is not a JSON object")
+        yield row
+
+
+def read_jsonl(path: str | os.PathLike, **kw: Any) -> list[dict[str, Any]]:
+    return list(iter_jsonl(path, **kw))
+
+
+def truncate_torn_tail(path: str | os.PathLike) -> int:
+    """Drop a final line without newline (left by a killed writer). Returns bytes removed."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(data) - keep

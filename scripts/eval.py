@@ -1,0 +1,6 @@
+"""`rlhf eval` as a script: `python|torchrun|accelerate launch scripts/eval.py --config FILE.yaml`."""
+
+from rlhf.cli import script_main
+
+if __name__ == "__main__":
+    script_main("eval")

@@ -1,0 +1,6 @@
+"""`rlhf export` as a script: `python|torchrun|accelerate launch scripts/export.py --config FILE.yaml`."""
+
+from rlhf.cli import script_main
+
+if __name__ == "__main__":
+    script_main("export")

@@ -1,0 +1,6 @@
+"""`rlhf gym eval` as a script: `python|torchrun|accelerate launch scripts/gym_eval.py --config FILE.yaml`."""
+
+from rlhf.cli import script_main
+
+if __name__ == "__main__":
+    script_main("gym eval")

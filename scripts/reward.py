@@ -1,0 +1,6 @@
+"""`rlhf reward` as a script: `python|torchrun|accelerate launch scripts/reward.py --config FILE.yaml`."""
+
+from rlhf.cli import script_main
+
+if __name__ == "__main__":
+    script_main("reward")

@@ -1,0 +1,6 @@
+"""`rlhf tiny-model` as a script: `python|torchrun|accelerate launch scripts/tiny_model.py --config FILE.yaml`."""
+
+from rlhf.cli import script_main
+
+if __name__ == "__main__":
+    script_main("tiny-model")
