@@ -1,0 +1,334 @@
+"""The one Ollama client of the project: structured JSON answers, retries, disk cache, many hosts.
+
+The data teacher, the PPO judge and the Gym judge all go through `OllamaPool`, so they share the
+same retry policy, cache and error messages. Only the official `ollama` Python client is used
+(`ollama.Client(host=..., timeout=...)`, `chat(..., format=schema, options=..., stream=False)`).
+
+Failure tags (`OllamaResult.error`):
+  unreachable      the host refused the connection (retried on the next host)
+  connection       the connection broke mid-request (retried)
+  timeout          no answer within `timeout` seconds (retried)
+  http_5xx         the server answered 5xx (retried); http_429 likewise
+  model_not_found  404: the model is not pulled on that host (not retried)
+  http_4xx         any other client error (not retried)
+  not_json         the content held no JSON object (retried: models are not always consistent)
+  schema           a JSON object that misses the schema or that `validate` rejected (retried)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.errors import UserError
+from rlhf.io import atomic_write_json
+
+DEFAULT_HOST = "http://127.0.0.1:11434"
+DEFAULT_OPTIONS: dict[str, Any] = {"temperature": 0, "seed": 0}
+RETRYABLE = {"unreachable", "connection", "timeout", "http_5xx", "http_429", "not_json", "schema"}
+MAX_BACKOFF = 8.0
+
+
+@dataclass
+class OllamaResult:
+    ok: bool
+    data: dict | None  # parsed JSON object when ok
+    text: str  # raw content returned ("" on transport failure)
+    error: str | None  # short reason tag when not ok (see the module docstring)
+    host: str | None = None
+    cached: bool = False
+
+
+def parse_hosts(hosts: str | list[str] | None) -> list[str]:
+    """`None` -> $OLLAMA_HOST or the default; "h1,h2" -> two hosts; a bare host:port gets http://."""
+    if hosts is None or hosts == "" or hosts == []:
+        hosts = os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+    items = hosts.split(",") if isinstance(hosts, str) else list(hosts)
+    out: list[str] = []
+    for h in (x.strip() for x in items):
+        if not h:
+            continue
+        if "://" not in h:
+            h = "http://" + h
+        out.append(h.rstrip("/"))
+    if not out:
+        raise UserError("no Ollama host given: pass --ollama_host http://HOST:11434 or set OLLAMA_HOST")
+    return out
+
+
+def extract_json_object(text: str) -> dict | None:
+    """The JSON object in a model's reply: the whole text, a ```json fence, or the first {...}."""
+    raw = text.strip()
+    try:
+        obj = json.loads(raw)
+        if isinstance(obj, dict):
+            return obj
+    except json.JSONDecodeError:
+        pass
+    fence = re.search(r"```(?:json)?\s*(.*?)```", raw, re.S | re.I)
+    if fence:
+        raw = fence.group(1)
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\{", raw):
+        try:
+            obj, _ = decoder.raw_decode(raw, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            return obj
+    return None
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
+    "object": (dict,), "array": (list,), "null": (type(None),),
+}
+
+
+def schema_problem(obj: Any, schema: dict) -> str | None:
+    """A light check of the subset of JSON schema we send (type, required, properties, enum)."""
+    tp = schema.get("type")
+    if isinstance(tp, str) and tp in _JSON_TYPES:
+        ok = isinstance(obj, _JSON_TYPES[tp]) and not (tp in ("integer", "number") and isinstance(obj, bool))
+        if not ok:
+            return f"expected {tp}, got {type(obj).__name__}"
+    if "enum" in schema and obj not in schema["enum"]:
+        return f"{obj!r} not in {schema['enum']}"
+    if isinstance(obj, dict):
+        for key in schema.get("required", []):
+            if key not in obj:
+                return f"missing key {key!r}"
+        for key, sub in schema.get("properties", {}).items():
+            if key in obj and isinstance(sub, dict):
+                problem = schema_problem(obj[key], sub)
+                if problem:
+                    return f"{key}: {problem}"
+    return None
+
+
+def cache_key(model: str, prompt: str, system: str | None, schema: dict, options: dict) -> str:
+    blob = json.dumps({"model": model, "prompt": prompt, "system": system, "schema": schema, "options": options},
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class OllamaPool:
+    """Concurrent structured-output requests to one model served by one or more Ollama hosts."""
+
+    def __init__(self, model: str = "qwen2.5:7b", hosts: str | list[str] | None = None,
+                 concurrency: int = 4, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
+                 cache_dir: str | Path | None = None, options: dict | None = None) -> None:
+        import ollama  # lazy: the rule teacher and `rlhf --help` do not need it
+
+        self._ollama = ollama
+        self.model = model
+        self.hosts = parse_hosts(hosts)
+        self.concurrency = max(1, int(concurrency))
+        self.timeout = float(timeout)
+        self.retries = max(0, int(retries))
+        self.backoff = float(backoff)
+        self.options = dict(DEFAULT_OPTIONS if options is None else options)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._clients = {h: ollama.Client(host=h, timeout=self.timeout) for h in self.hosts}
+        self._next_host = itertools.count()
+        self._lock = threading.Lock()
+        # What happened, for manifests: HTTP chat requests, answers served from the cache,
+        # failed attempts by tag (retried or not), final failures by tag, requests per host.
+        self.requests = 0
+        self.cache_hits = 0
+        self.attempt_failures: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.per_host: Counter[str] = Counter()
+
+    # -- checks -------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Fail early, with the fix, when a host is down or does not serve the model."""
+        for host, client in self._clients.items():
+            try:
+                client.show(self.model)
+            except self._ollama.ResponseError as e:
+                if e.status_code == 404:
+                    raise UserError(f"Ollama at {host} does not have model '{self.model}': "
+                                    f"run `ollama pull {self.model}` there (or pass --ollama_model)") from None
+                raise UserError(f"Ollama at {host} answered HTTP {e.status_code} for model "
+                                f"'{self.model}': {e.error}") from None
+            except ConnectionError:
+                raise UserError(f"cannot reach Ollama at {host}: start it with `ollama serve` or set "
+                                "OLLAMA_HOST (or --ollama_host) to a running server") from None
+            except Exception as e:  # noqa: BLE001 - httpx timeouts and protocol errors
+                tag = self._transport_tag(e)
+                raise UserError(f"Ollama at {host} did not answer properly ({tag}: {type(e).__name__}); "
+                                "check that it runs (`ollama serve`) and that OLLAMA_HOST is right") from None
+
+    def stats(self) -> dict[str, Any]:
+        return {"requests": self.requests, "cache_hits": self.cache_hits,
+                "attempt_failures": dict(sorted(self.attempt_failures.items())),
+                "failures": dict(sorted(self.failures.items())),
+                "per_host": dict(sorted(self.per_host.items()))}
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            inner = getattr(client, "_client", None)
+            if inner is not None:
+                inner.close()
+
+    # -- cache --------------------------------------------------------------------------------
+    def _cache_path(self, key: str) -> Path | None:
+        return self.cache_dir / key[:2] / f"{key}.json" if self.cache_dir else None
+
+    def _cache_get(self, key: str) -> dict | None:
+        path = self._cache_path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None  # an unreadable entry is just a miss; it is rewritten atomically
+        return entry if isinstance(entry, dict) and isinstance(entry.get("data"), dict) else None
+
+    def _cache_put(self, key: str, text: str, data: dict) -> None:
+        path = self._cache_path(key)
+        if path is not None:
+            atomic_write_json(path, {"model": self.model, "text": text, "data": data})
+
+    # -- requests -----------------------------------------------------------------------------
+    def _transport_tag(self, e: BaseException) -> str:
+        import httpx
+
+        if isinstance(e, self._ollama.ResponseError):
+            code = e.status_code
+            if code == 404:
+                return "model_not_found"
+            if code == 429:
+                return "http_429"
+            return "http_5xx" if code >= 500 else "http_4xx"
+        if isinstance(e, httpx.TimeoutException | TimeoutError):
+            return "timeout"
+        if isinstance(e, ConnectionError | httpx.ConnectError):
+            return "unreachable"
+        return "connection"  # resets, broken streams, protocol errors: transient
+
+    def _pick_host(self, attempt: int, start: int) -> str:
+        return self.hosts[(start + attempt) % len(self.hosts)]
+
+    def chat_json(self, prompt: str, schema: dict, validate: Callable[[dict], Any] | None = None,
+                  system: str | None = None) -> OllamaResult:
+        """Ask for a JSON object conforming to `schema`; retried with backoff on transient faults."""
+        key = cache_key(self.model, prompt, system, schema, self.options)
+        entry = self._cache_get(key)
+        if entry is not None:
+            try:
+                if validate is not None:
+                    validate(entry["data"])
+                with self._lock:
+                    self.cache_hits += 1
+                return OllamaResult(True, entry["data"], str(entry.get("text", "")), None, None, cached=True)
+            except Exception:  # noqa: BLE001 - this caller's validate rejects it: ask again
+                pass
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        with self._lock:
+            start = next(self._next_host)
+        result = OllamaResult(False, None, "", "unknown")
+        for attempt in range(self.retries + 1):
+            host = self._pick_host(attempt, start)
+            result = self._attempt(host, messages, schema, validate)
+            if result.ok:
+                self._cache_put(key, result.text, result.data or {})
+                return result
+            with self._lock:
+                self.attempt_failures[result.error or "unknown"] += 1
+            if result.error not in RETRYABLE or attempt == self.retries:
+                break
+            time.sleep(min(MAX_BACKOFF, self.backoff * (2 ** attempt)))
+        with self._lock:
+            self.failures[result.error or "unknown"] += 1
+        return result
+
+    def _attempt(self, host: str, messages: list[dict], schema: dict,
+                 validate: Callable[[dict], Any] | None) -> OllamaResult:
+        with self._lock:
+            self.requests += 1
+            self.per_host[host] += 1
+        try:
+            resp = self._clients[host].chat(model=self.model, messages=messages, format=schema,
+                                            options=self.options, stream=False)
+        except Exception as e:  # noqa: BLE001 - classified into a tag; never escapes a worker thread
+            return OllamaResult(False, None, "", self._transport_tag(e), host)
+        text = resp.message.content or ""
+        data = extract_json_object(text)
+        if data is None:
+            return OllamaResult(False, None, text, "not_json", host)
+        if schema_problem(data, schema) is not None:
+            return OllamaResult(False, None, text, "schema", host)
+        if validate is not None:
+            try:
+                validate(data)
+            except Exception:  # noqa: BLE001 - any rejection by the caller counts as schema
+                return OllamaResult(False, None, text, "schema", host)
+        return OllamaResult(True, data, text, None, host)
+
+    def chat_json_many(self, prompts: list[str], schema: dict, validate: Callable[[dict], Any] | None = None,
+                       system: str | None = None, progress: bool = False) -> list[OllamaResult]:
+        """`chat_json` over many prompts in threads (`concurrency` per host); order is preserved."""
+        if not prompts:
+            return []
+        workers = min(len(prompts), self.concurrency * len(self.hosts))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ollama") as pool:
+            futures = [pool.submit(self.chat_json, p, schema, validate, system) for p in prompts]
+            if progress:
+                from concurrent.futures import as_completed
+
+                from tqdm import tqdm
+
+                for _ in tqdm(as_completed(futures), total=len(futures), desc=f"ollama {self.model}"):
+                    pass
+            return [f.result() for f in futures]
+
+
+class OllamaTeacher:
+    """Chip advice from a model served by Ollama (structured output = ADVICE_SCHEMA)."""
+
+    def __init__(self, model: str = "qwen2.5:7b", hosts: str | list[str] | None = None, concurrency: int = 4,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, cache_dir: str | Path | None = None,
+                 options: dict | None = None, check: bool = True, progress: bool = False) -> None:
+        self.model_name = model
+        self.progress = progress
+        self.pool = OllamaPool(model, hosts, concurrency, timeout, retries, backoff, cache_dir, options)
+        if check:
+            self.pool.check()
+
+    @staticmethod
+    def _validate(obj: dict) -> Any:
+        from rlhf.chips import ACTIONS
+
+        if obj.get("action") not in ACTIONS:
+            raise ValueError(f"action {obj.get('action')!r} not in {ACTIONS}")
+        if not isinstance(obj.get("reason"), str) or not obj["reason"].strip():
+            raise ValueError("reason must be a non-empty string")
+        return obj
+
+    def advise_many(self, specs: list[Any], language: str = "en") -> list[Any]:
+        from rlhf.chips import ADVICE_SCHEMA, Advice, dims_prompt
+        from rlhf.teachers.base import TeacherAnswer
+
+        prompts = [dims_prompt(s, language) for s in specs]
+        results = self.pool.chat_json_many(prompts, ADVICE_SCHEMA, validate=self._validate, progress=self.progress)
+        return [TeacherAnswer(Advice(r.data["action"], r.data["reason"].strip())) if r.ok and r.data
+                else TeacherAnswer(None, r.error or "unknown") for r in results]
+
+    def stats(self) -> dict[str, Any]:
+        return self.pool.stats()
+
+    def close(self) -> None:
+        self.pool.close()
