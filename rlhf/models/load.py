@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.config import field
 from rlhf.errors import UserError
 
 # Short names -> (python package shipping a GGUF, glob inside it)
@@ -34,16 +35,16 @@ def cache_root() -> Path:
 
 @dataclass
 class ModelOptions:
-    """How to load a trainable model (shared by SFT, reward and PPO configs)."""
+    """How to load a trainable model. Stage configs inherit these keys (SFT, reward, PPO)."""
 
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    load_in_4bit: bool = False  # QLoRA: nf4 weights via bitsandbytes (CPU works too, slowly)
-    trust_remote_code: bool = False
-    use_lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "all-linear"
+    dtype: str = field("float32", help="float32 | bfloat16 | float16 | auto (bf16 on GPUs)")
+    load_in_4bit: bool = field(False, help="QLoRA: nf4 weights via bitsandbytes (works on CPU too, slowly)")
+    trust_remote_code: bool = field(False, help="allow model code from the model folder (off: safer)")
+    use_lora: bool = field(True, help="train LoRA adapters instead of all weights")
+    lora_r: int = field(16, help="LoRA rank")
+    lora_alpha: int = field(32, help="LoRA alpha")
+    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_target_modules: str = field("all-linear", help="'all-linear' or comma-separated module names")
 
 
 def _find_gguf_in_package(package: str, pattern: str) -> Path:

@@ -1,0 +1,89 @@
+"""`rlhf sft`: supervised warm start with TRL's SFTTrainer on the `sft` split.
+
+The split is in TRL's conversational prompt/completion format, so the loss covers the assistant's
+answer only. Full fine-tuning (needed for the tiny model, whose weights start random) or LoRA.
+The saved folder (full weights, or a LoRA adapter on its base) is what the next stages load.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import field
+from rlhf.data.schema import SFT_COLUMNS, load_rows, model_context, resolve_split
+from rlhf.io import write_metrics
+from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer
+from rlhf.training import quiet_transformers, seed_everything, world_info
+
+
+@dataclass
+class SFTStageConfig(ModelOptions):
+    model: str = field("runs/tiny-model", help="base model: folder, .gguf, short name or Hub id")
+    data: str = field("runs/data", help="folder from `rlhf data preference` (uses sft.jsonl and test.jsonl) or a .jsonl")
+    output_dir: str = field("runs/sft", help="where the SFT model and metrics.json go")
+    seed: int = field(0, help="seed for weights init order, shuffling and evaluation sampling")
+    num_train_epochs: float = field(3.0, help="passes over the SFT split")
+    max_steps: int = field(-1, help="stop after this many optimizer steps (-1: use epochs)")
+    learning_rate: float = field(2e-4, help="peak learning rate")
+    per_device_train_batch_size: int = field(16, help="batch per process")
+    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
+    warmup_steps: int = field(10, help="linear warm-up steps")
+    max_length: int = field(256, help="longest prompt+answer in tokens")
+    eval_prompts: int = field(200, help="held-out prompts (test split) for agreement after SFT; 0 skips")
+    max_new_tokens: int = field(48, help="answer length budget during evaluation")
+    logging_steps: int = field(10, help="log every N steps")
+
+
+def run(cfg: SFTStageConfig) -> dict[str, Any]:
+    quiet_transformers()
+    seed_everything(cfg.seed)
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    start = time.time()
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, padding_side="right")
+    model = load_causal_lm(cfg.model, cfg)
+    path = resolve_split(cfg.data, "sft")
+    rows = load_rows(path, SFT_COLUMNS, tokenizer=tok, max_length=min(cfg.max_length, model_context(tok, model.config)))
+    train = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    if cfg.use_lora:
+        model = add_lora(model, cfg)
+    args = SFTConfig(
+        output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
+        logging_steps=cfg.logging_steps, save_strategy="no", report_to="none", bf16=cfg.dtype == "bfloat16",
+        dataloader_num_workers=0, eos_token="<|im_end|>" if "<|im_end|>" in tok.get_vocab() else None,
+        disable_tqdm=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    result = trainer.train()
+    train_seconds = time.time() - start
+    metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_rows": len(rows), "steps": result.global_step,
+                               "train_seconds": round(train_seconds, 2), **world_info()}
+    if trainer.accelerator.is_main_process:
+        out = Path(cfg.output_dir)
+        trainer.save_model(str(out))  # full weights, or the LoRA adapter (its base path is recorded)
+        tok.padding_side = "left"
+        tok.save_pretrained(out)
+        if cfg.eval_prompts > 0:
+            metrics.update(_evaluate(trainer.model, tok, cfg))
+        metrics["wall_seconds"] = round(time.time() - start, 2)
+        write_metrics(out, metrics)
+        print(f"SFT done: loss {metrics['train_loss']:.3f}, agreement {metrics.get('agreement_greedy', float('nan')):.3f}, "
+              f"json {metrics.get('json_valid_greedy', float('nan')):.3f} -> {out}")
+    return metrics
+
+
+def _evaluate(model: Any, tok: Any, cfg: SFTStageConfig) -> dict[str, Any]:
+    from rlhf.generation import evaluate_policy
+    from rlhf.io import read_jsonl
+
+    test = read_jsonl(resolve_split(cfg.data, "test"))[: cfg.eval_prompts]
+    prompts = [r["prompt"] for r in test]
+    greedy = evaluate_policy(model, tok, prompts, do_sample=False, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    return {"agreement_greedy": greedy["agreement"], "json_valid_greedy": greedy["json_valid"],
+            "action_share_greedy": greedy["action_share"], "samples": greedy["samples"]}
