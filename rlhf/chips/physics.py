@@ -38,6 +38,7 @@ ACTION_NAMES_ZH: tuple[str, ...] = ("增加宽度", "减少宽度", "增加长�
 N_ACTIONS = 4
 STEP_NM = 5.0
 FLOOR_NM = 5.0
+CEILING_NM = 1000.0  # the model's range ends here (keeps the observation space bounded)
 
 P_LEAK = 20.0  # mW
 P_DYN = 60.0  # mW per 10^3 nm^2
@@ -105,13 +106,14 @@ def merit(width_nm: float, length_nm: float) -> float:
 
 
 def apply_action(width_nm: float, length_nm: float, action: int) -> tuple[float, float]:
-    """The state after `action`: +-5 nm on one side, never below the 5 nm floor."""
+    """The state after `action`: +-5 nm on one side, never below the 5 nm floor (nor above the
+    1000 nm ceiling of the model's range)."""
     if action == 0:
-        return width_nm + STEP_NM, length_nm
+        return min(CEILING_NM, width_nm + STEP_NM), length_nm
     if action == 1:
         return max(FLOOR_NM, width_nm - STEP_NM), length_nm
     if action == 2:
-        return width_nm, length_nm + STEP_NM
+        return width_nm, min(CEILING_NM, length_nm + STEP_NM)
     if action == 3:
         return width_nm, max(FLOOR_NM, length_nm - STEP_NM)
     raise ValueError(f"action must be 0..3, got {action!r}")

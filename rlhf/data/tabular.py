@@ -143,7 +143,8 @@ def read_env_csv(path: str | Path) -> list[tuple[str, float, float]]:
         w = _number(path, line, "width_nm", row["width_nm"])
         ln = _number(path, line, "length_nm", row["length_nm"])
         for name, v in (("width_nm", w), ("length_nm", ln)):
-            if v < physics.FLOOR_NM:
-                raise UserError(f"{path}: line {line}, column '{name}': {v} is below the {physics.FLOOR_NM} nm floor")
+            if not physics.FLOOR_NM <= v <= physics.CEILING_NM:
+                raise UserError(f"{path}: line {line}, column '{name}': {v} is outside the chip model's range "
+                                f"{physics.FLOOR_NM:g}..{physics.CEILING_NM:g} nm")
         chips.append((row["chip_id"], w, ln))
     return chips
