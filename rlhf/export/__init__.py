@@ -1,0 +1,112 @@
+"""`rlhf export`: merge a LoRA policy into its base, write a GGUF and a Modelfile, optionally push
+the model to Ollama.
+
+Outputs in --output_dir: hf/ (the merged Hugging Face folder), NAME.gguf, Modelfile, metrics.json.
+Without --push it prints the `ollama create` command to run; with --push it uploads the GGUF to the
+Ollama server and creates the model there (an existing one is replaced only with --force true).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhf.config import field
+from rlhf.errors import UserError
+from rlhf.io import atomic_write_text, write_metrics
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?(:[a-z0-9_][a-z0-9._-]{0,127})?$")
+
+
+@dataclass
+class ExportConfig:
+    model: str = field(help="what to export: a model folder, a LoRA adapter folder, a .gguf, a Hub id or a "
+                            "short name (smollm2-135m)")
+    output_dir: str = field("runs/export", help="folder for hf/, NAME.gguf, Modelfile and metrics.json")
+    seed: int = field(0, help="unused (export is deterministic); kept for the stage convention")
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = field("f16", help="GGUF weight type (norms stay f32)")
+    name: str | None = field(None, help="Ollama model name (default: from the model's folder name)")
+    push: bool = field(False, help="upload the GGUF and create the model on the Ollama server")
+    ollama_host: str | None = field(None, help="Ollama URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)")
+    force: bool = field(False, help="with --push, replace an existing model of the same name")
+    system: str | None = field(None, help="SYSTEM prompt (default: the one the model's chat template adds, if any)")
+    temperature: float | None = field(None, help="PARAMETER temperature")
+    top_p: float | None = field(None, help="PARAMETER top_p")
+    top_k: int | None = field(None, help="PARAMETER top_k")
+    num_ctx: int | None = field(None, help="PARAMETER num_ctx (context window Ollama allocates)")
+    repeat_penalty: float | None = field(None, help="PARAMETER repeat_penalty")
+    progress: bool = field(True, help="show progress bars")
+
+    def validate(self) -> None:
+        if self.name is not None and not _NAME.match(self.name):
+            raise UserError(f"--name {self.name!r}: an Ollama name is lowercase letters, digits, '.', '_', '-' "
+                            "(optionally namespace/ and :tag), e.g. chip-advisor:latest")
+
+
+def default_name(model: str) -> str:
+    base = re.sub(r"[^a-z0-9._-]+", "-", Path(model.rstrip("/")).name.lower()).strip("-._")
+    return base or "rlhf-model"
+
+
+def run(cfg: ExportConfig) -> dict[str, Any]:
+    from rlhf.export import gguf, merge, modelfile
+
+    start = time.perf_counter()
+    cfg.validate()
+    name = cfg.name or default_name(cfg.model)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    # 1. merge: load (LoRA merged), check we can convert it before writing anything, keep hf/
+    t = time.perf_counter()
+    lora = merge.is_lora(cfg.model)
+    model, tok = merge.load_merged(cfg.model)
+    gguf.gguf_architecture(model.config.to_dict(), f"{cfg.model}: config.json")  # fail before writing
+    system = cfg.system if cfg.system is not None else modelfile.default_system(tok, cfg.model)
+    hf_dir = merge.save_hf(model, tok, out / "hf")
+    del model
+    seconds["merge"] = round(time.perf_counter() - t, 2)
+
+    # 2. GGUF
+    t = time.perf_counter()
+    gguf_path = out / f"{name.split('/')[-1].replace(':', '-')}.gguf"
+    conv = gguf.convert(hf_dir, gguf_path, cfg.outtype, name=name, progress=cfg.progress)
+    seconds["convert"] = round(time.perf_counter() - t, 2)
+
+    # 3. Modelfile beside the GGUF
+    params = modelfile.parameters(modelfile.STOPS, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_ctx,
+                                  cfg.repeat_penalty)
+    mf_path = out / "Modelfile"
+    atomic_write_text(mf_path, modelfile.render(gguf_path.name, modelfile.CHATML_TEMPLATE, params, system,
+                                                cfg.model))
+
+    # 4. push, or say how
+    pushed: dict[str, Any] | None = None
+    if cfg.push:
+        from rlhf.export import push
+
+        t = time.perf_counter()
+        pushed = push.push(gguf_path, name, template=modelfile.CHATML_TEMPLATE, params=params, system=system,
+                           host=cfg.ollama_host, force=cfg.force, progress=cfg.progress)
+        seconds["push"] = round(time.perf_counter() - t, 2)
+        print(f"created Ollama model {name} at {pushed['host']}: run `ollama run {name}`")
+    else:
+        print(f"GGUF written to {gguf_path}; to use it in Ollama run:\n  ollama create {name} -f {mf_path}")
+    seconds["total"] = round(time.perf_counter() - start, 2)
+
+    metrics: dict[str, Any] = {
+        "name": name, "model": cfg.model, "lora_merged": lora, "architecture": conv.architecture,
+        "outtype": cfg.outtype, "gguf": str(gguf_path), "gguf_bytes": conv.bytes, "n_tensors": conv.n_tensors,
+        "n_vocab": conv.n_vocab, "n_tokenizer": conv.n_tokenizer, "pre_tokenizer": conv.pre_tokenizer,
+        "hf_dir": str(hf_dir), "modelfile": str(mf_path), "system": system, "parameters": params,
+        "pushed": pushed is not None, "seconds": seconds,
+    }
+    if pushed:
+        metrics.update(ollama_host=pushed["host"], digest=pushed["digest"], uploaded=pushed["uploaded"],
+                       replaced=pushed["replaced"])
+    write_metrics(out, metrics)
+    return metrics
