@@ -30,6 +30,7 @@ class AppendWriter:
 
     def __init__(self, paths: dict[str, str | os.PathLike]) -> None:
         self._fds: dict[str, int] = {}
+        self._dirty: set[str] = set()  # fsync only what was written since the last flush
         for name, path in paths.items():
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._fds[name] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -37,13 +38,15 @@ class AppendWriter:
     def write(self, name: str, row: dict[str, Any]) -> None:
         data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         fd = self._fds[name]
+        self._dirty.add(name)
         view = memoryview(data)
         while view:  # os.write may write less than asked; finish the line before anything else
             view = view[os.write(fd, view):]
 
     def flush(self) -> None:
-        for fd in self._fds.values():
-            os.fsync(fd)
+        for name in self._dirty:
+            os.fsync(self._fds[name])
+        self._dirty.clear()
 
     def close(self) -> None:
         self.flush()
