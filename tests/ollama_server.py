@@ -13,7 +13,8 @@ default serves `qwen2.5:7b` with `rule_source` (the rule teacher, reading the ch
 Faults (deterministic, counted in `faults.injected`): chat/generate requests are numbered in
 arrival order; the first `http_500` of them answer HTTP 500, the next `slow` sleep `slow_seconds`
 before answering, the next `non_json` answer plain text. A request whose last user message
-satisfies `bad_prompt` always answers plain text (a row that never conforms). Models listed in
+satisfies `bad_prompt` always answers plain text (a row that never conforms). From request number
+`down_after` on, every request answers 500 (a host that died; set it to None to revive it). Models listed in
 `unknown_model` answer 404 as if they were not pulled.
 """
 
@@ -99,6 +100,7 @@ class Faults:
     slow_seconds: float = 0.0
     non_json: int = 0
     bad_prompt: Callable[[str], bool] | None = None
+    down_after: int | None = None  # every request from this number on answers 500 (a host that died)
     unknown_model: set[str] = field(default_factory=set)
     injected: Counter = field(default_factory=Counter)  # kind -> how many requests got it
     bad_prompts_seen: set[str] = field(default_factory=set)  # distinct prompts answered by bad_prompt
@@ -111,7 +113,7 @@ class Faults:
             i = self._seen
             self._seen += 1
             kind = None
-            if i < self.http_500:
+            if i < self.http_500 or (self.down_after is not None and i >= self.down_after):
                 kind = "http_500"
             elif i < self.http_500 + self.slow:
                 kind = "slow"

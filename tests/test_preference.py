@@ -368,3 +368,28 @@ def test_foreign_folder_is_refused(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"x": 1}\n')
     with pytest.raises(UserError, match="no args.json"):
         run(make_cfg(tmp_path, "--n", "5"))
+
+
+def test_host_failure_mid_run_stops_and_keeps_rows(tmp_path):
+    """5xx after every retry is the host's fault: no chip is marked skipped, the rerun resumes."""
+    args = ("--teacher", "ollama", "--n", "20", "--sft_n", "0", "--retries", "1", "--backoff", "0",
+            "--batch_size", "5", "--concurrency", "1")
+    faults = Faults(down_after=7)  # healthy for 7 requests, then down
+    with LoopbackOllama(faults=faults) as server:
+        cfg = make_cfg(tmp_path, *args, "--ollama_host", server.url)
+        # batch 1: 5 rows; batch 2: 2 rows, then the 3rd chip fails twice (1 retry): the run stops there
+        with pytest.raises(UserError, match=r"http_5xx.*the 7 rows written are kept: rerun"):
+            run(cfg)
+        assert (tmp_path / "skipped.jsonl").read_text() == ""
+        faults.down_after = None
+        metrics = run(cfg)
+    assert metrics["rows"] == {"train": 18, "test": 2, "sft": 0} and metrics["resumed_rows"] == 7
+    assert metrics["skipped"] == 0
+
+
+def test_a_teacher_that_never_conforms_stops(tmp_path):
+    with LoopbackOllama(faults=Faults(bad_prompt=lambda p: True)) as server:
+        with pytest.raises(UserError, match="no conforming answer for 50 chips in a row"):
+            run(make_cfg(tmp_path, "--teacher", "ollama", "--ollama_host", server.url, "--n", "30",
+                         "--retries", "0"))
+    assert len((tmp_path / "skipped.jsonl").read_text().splitlines()) == 50

@@ -26,8 +26,10 @@ rows before it. Rows are appended in stream order (see rlhf.data.writer), so a r
 point and restarted with the same arguments drops a torn tail, skips the chips already written or
 skipped (skipped.jsonl), and ends byte-identical to an uninterrupted run. With the Ollama teacher a
 chip whose answer never conforms is skipped, logged with its reason, and the next chip takes its
-place. The arguments that shape the data are kept in args.json; another run into the same folder
-with different ones is refused unless --overwrite true.
+place. A failure of the host itself (unreachable, 5xx after all retries, model missing) stops the
+run with the rows kept, so a rerun resumes; so do 50 non-conforming answers in a row. The arguments
+that shape the data are kept in args.json; another run into the same folder with different ones is
+refused unless --overwrite true.
 """
 
 from __future__ import annotations
@@ -66,6 +68,14 @@ FORMAT_VERSION = 1
 # Keys that shape the rows: a restart must use the same ones. The rest (hosts, concurrency...) may change.
 SEMANTIC_KEYS = ("teacher", "variant", "n", "seed", "language", "test_fraction", "sft_n", "sft_label_noise",
                  "rejection_weights", "rule", "ollama_model")
+# Failures of the host rather than of the answer: the run stops (rows kept) instead of skipping the chip.
+FATAL = {"unreachable": "start it with `ollama serve` or fix --ollama_host",
+         "connection": "the connection kept breaking; check the host",
+         "model_not_found": "run `ollama pull <model>` on every host",
+         "http_5xx": "the server kept answering 5xx; check its log",
+         "http_429": "the server kept refusing (429); lower --concurrency",
+         "http_4xx": "the server refused the request; check --ollama_model"}
+MAX_SKIPS_IN_A_ROW = 50
 ROW_FILES = ("train.jsonl", "test.jsonl", "sft.jsonl", "skipped.jsonl", "teacher_log.jsonl")
 
 OFF_TOPIC = {
@@ -325,6 +335,7 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
 
     need = {s: quota[s] - counts[s] for s in SPLITS}
     teacher = None
+    in_a_row = 0  # chips skipped in a row: a teacher that never conforms must not walk all 10^6 chips
     stream = spec_stream(cfg.seed)
     writer = AppendWriter({**{s: out / f"{s}.jsonl" for s in SPLITS}, "skipped": out / "skipped.jsonl",
                            "log": out / "teacher_log.jsonl"})
@@ -345,12 +356,24 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
                 teacher = _make_teacher(cfg, out)
                 before = teacher.stats()
             answers = teacher.advise_many(batch, cfg.language)
+            stop: str | None = None
             for spec, answer in zip(batch, answers):
                 if answer.advice is None:
+                    reason = answer.failure or "unknown"
+                    if reason in FATAL:  # the host, not the answer: skipping the chip would lose it for good
+                        fix = FATAL[reason].replace("<model>", cfg.ollama_model)
+                        stop = f"the Ollama teacher failed on chip {spec.key()} ({reason}: {fix})"
+                        break
                     writer.write("skipped", {"length": spec.length, "width": spec.width, "height": spec.height,
-                                             "reason": answer.failure or "unknown"})
+                                             "reason": reason})
                     skipped.add(spec)
+                    in_a_row += 1
+                    if in_a_row >= MAX_SKIPS_IN_A_ROW:
+                        stop = (f"the teacher gave no conforming answer for {in_a_row} chips in a row (last: "
+                                f"{reason}); check that --ollama_model {cfg.ollama_model} follows the JSON schema")
+                        break
                     continue
+                in_a_row = 0
                 rng = chip_rng(cfg.seed, spec)
                 split = _choose_split(rng.random(), need)
                 writer.write(split, build_row(split, spec, answer.advice, rng, cfg, teacher.model_name))
@@ -361,6 +384,9 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
                 writer.write("log", _stats_delta(before, now))
                 before = now
             writer.flush()
+            if stop:
+                kept = sum(quota.values()) - sum(need.values())
+                raise UserError(f"{stop}; the {kept} rows written are kept: rerun the same command to resume")
     finally:
         writer.close()
         if teacher is not None:
