@@ -240,13 +240,13 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path):
 
 
 def test_sigkill_with_ollama_teacher_then_resume(tmp_path):
-    args = ("--n", "150", "--sft_n", "50", "--teacher", "ollama", "--batch_size", "8", "--backoff", "0")
-    with LoopbackOllama(latency=0.004) as server:
+    args = ("--n", "100", "--sft_n", "40", "--teacher", "ollama", "--batch_size", "8", "--backoff", "0")
+    with LoopbackOllama(latency=0.005) as server:
         ref = tmp_path / "ref"
         run(make_cfg(ref, *args, "--ollama_host", server.url))
         out = tmp_path / "killed"
-        after_kill = _kill_and_resume(out, ref, (*args, "--ollama-host", server.url), kills=3, rng=random.Random(1))
-    assert sum(0 < n < 200 for n in after_kill) >= 2
+        after_kill = _kill_and_resume(out, ref, (*args, "--ollama-host", server.url), kills=2, rng=random.Random(1))
+    assert sum(0 < n < 140 for n in after_kill) >= 1
     assert file_bytes(out) == file_bytes(ref)
 
 
