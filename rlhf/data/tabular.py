@@ -29,7 +29,7 @@ ENV_COLUMNS = ("chip_id", "width_nm", "length_nm", "power_mw", "performance_scor
 
 @dataclass
 class TabularDataConfig:
-    output_dir: str = field("outputs/tabular", help="folder for the CSV and metrics.json")
+    output_dir: str = field("runs/tabular", help="folder for the CSV and metrics.json")
     variant: Literal["dims", "env"] = field("dims", help="dims: length,width,height,action; env: chip PPO dataset")
     n: int = field(1000, help="number of rows (the seed used 1000)")
     seed: int = field(42, help="sampling seed: the same seed writes the same file")

@@ -38,8 +38,9 @@ TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
 
 @dataclass
 class TabularTrainConfig:
-    data: str = field(help="dims CSV with length,width,height,action (from `rlhf data tabular --variant dims`)")
-    output_dir: str = field("outputs/tabular_model", help="folder for the classifier and metrics.json")
+    data: str = field("runs/tabular/chip_dimension_reward_dataset.csv",
+                      help="dims CSV with length,width,height,action (from `rlhf data tabular --variant dims`)")
+    output_dir: str = field("runs/tabular_model", help="folder for the classifier and metrics.json")
     model: Literal["random_forest", "gradient_boosting"] = field("random_forest", help="classifier type")
     test_size: float = field(0.2, help="held-out fraction for the report (the seed used 0.2)")
     n_estimators: int = field(100, help="trees (the seed used 100)")

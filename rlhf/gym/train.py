@@ -39,7 +39,7 @@ SERIALIZED_KEYS = {"policy_class", "observation_space", "action_space", "rollout
 
 @dataclass
 class GymTrainConfig:
-    output_dir: str = field("outputs/gym", help="folder for agent.zip, agent.json, metrics.json, returns.png")
+    output_dir: str = field("runs/gym", help="folder for agent.zip, agent.json, metrics.json, returns.png")
     seed: int = field(0, help="seed of PPO and of the training envs' starting chips")
     total_timesteps: int = field(60_000, help="environment steps of PPO training")
     n_envs: int = field(8, help="parallel (in-process) environments")
@@ -241,7 +241,8 @@ def run_train(cfg: GymTrainConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     env_cfg = {"judge": cfg.judge, "ollama_model": cfg.ollama_model, "ollama_host": cfg.ollama_host,
-               "ollama_cache": cfg.ollama_cache, "language": cfg.language, "env_csv": cfg.env_csv,
+               "ollama_cache": cfg.ollama_cache, "language": cfg.language,
+               "env_csv": str(Path(cfg.env_csv).resolve()) if cfg.env_csv else "",  # eval may run elsewhere
                "obs_scale": OBS_SCALE.tolist()}
     judge = _judge_from(env_cfg)
     start_chips = _start_chips(env_cfg)
