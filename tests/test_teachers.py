@@ -280,3 +280,15 @@ def test_smollm2_source_answers_structured_json(tmp_path):
     assert len(conforming) >= 3
     assert all(a.action in ("increase", "decrease", "no_change") and a.reason for a in conforming)
     assert requests >= 4
+
+
+def test_content_faults_are_retried_without_backoff():
+    """A server that answered promptly is not overloaded: a non-JSON answer is asked again at once."""
+    import time
+
+    with LoopbackOllama(faults=Faults(non_json=2)) as server:
+        p = pool(server, backoff=30.0, retries=2)
+        start = time.perf_counter()
+        result = p.chat_json(dims_prompt(SPECS[0]), ADVICE_SCHEMA)
+    assert result.ok and p.attempt_failures == {"not_json": 2}
+    assert time.perf_counter() - start < 10

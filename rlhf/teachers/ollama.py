@@ -11,8 +11,9 @@ Failure tags (`OllamaResult.error`):
   http_5xx         the server answered 5xx (retried); http_429 likewise
   model_not_found  404: the model is not pulled on that host (not retried)
   http_4xx         any other client error (not retried)
-  not_json         the content held no JSON object (retried: models are not always consistent)
-  schema           a JSON object that misses the schema or that `validate` rejected (retried)
+  not_json         the content held no JSON object (retried at once: models are not always consistent)
+  schema           a JSON object that misses the schema or that `validate` rejected (retried at once)
+Transport faults are retried after `backoff * 2**attempt` seconds (at most 8 s), on the next host.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from rlhf.io import atomic_write_json
 DEFAULT_HOST = "http://127.0.0.1:11434"
 DEFAULT_OPTIONS: dict[str, Any] = {"temperature": 0, "seed": 0}
 RETRYABLE = {"unreachable", "connection", "timeout", "http_5xx", "http_429", "not_json", "schema"}
+CONTENT_FAULTS = {"not_json", "schema"}  # retried at once; transport faults back off exponentially
 MAX_BACKOFF = 8.0
 
 
@@ -250,7 +252,8 @@ class OllamaPool:
                 self.attempt_failures[result.error or "unknown"] += 1
             if result.error not in RETRYABLE or attempt == self.retries:
                 break
-            time.sleep(min(MAX_BACKOFF, self.backoff * (2 ** attempt)))
+            if result.error not in CONTENT_FAULTS:  # the server answered promptly: no need to back off
+                time.sleep(min(MAX_BACKOFF, self.backoff * (2 ** attempt)))
         with self._lock:
             self.failures[result.error or "unknown"] += 1
         return result
