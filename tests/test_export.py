@@ -216,6 +216,27 @@ def test_llama_qk_permutation(tiny_llama: Path, tmp_path: Path) -> None:
     assert _kv(_reader(res.path), "tokenizer.ggml.token_type")[-1] == 5  # unused
 
 
+def test_pre_tokenizer_names_llama_cpp_knows() -> None:
+    def byte_level(use_regex: bool) -> dict:
+        return {"type": "ByteLevel", "add_prefix_space": False, "use_regex": use_regex}
+
+    def split(regex: str) -> dict:
+        return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated"}
+
+    def seq(*parts: dict) -> dict:
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": list(parts)}}
+
+    name = export_gguf.pre_tokenizer_name
+    assert name(seq(split(export_gguf.QWEN2_REGEX), byte_level(False))) == "qwen2"
+    assert name(seq(split(export_gguf.LLAMA3_REGEX), byte_level(False))) == "llama-bpe"
+    assert name(seq({"type": "Digits", "individual_digits": True}, byte_level(True))) == "smollm"
+    assert name({"pre_tokenizer": byte_level(True)}) == "gpt-2"
+    with pytest.raises(UserError, match="no llama.cpp pre-tokenizer matches"):
+        name(seq(split(r"\p{N}{1,2}"), byte_level(False)))
+    with pytest.raises(UserError, match="not byte-level BPE"):
+        name({"pre_tokenizer": {"type": "Metaspace"}})
+
+
 def test_failed_conversion_leaves_no_gguf(tiny_qwen: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import gguf
 
