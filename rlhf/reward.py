@@ -20,9 +20,11 @@ import torch
 from rlhf.config import field
 from rlhf.data.schema import PREFERENCE_COLUMNS, load_rows, model_context, resolve_split
 from rlhf.errors import UserError
-from rlhf.io import read_jsonl, write_metrics
+from rlhf.io import atomic_write_json, read_jsonl, write_metrics
 from rlhf.models import ModelOptions, add_lora, load_tokenizer, load_value_model
 from rlhf.training import quiet_transformers, seed_everything, world_info
+
+NORMALIZATION_FILE = "reward_normalization.json"
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
@@ -109,8 +111,9 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
     train_rows = load_rows(resolve_split(cfg.data, "train"), PREFERENCE_COLUMNS, tokenizer=tok, max_length=context)
     test_rows = load_rows(resolve_split(cfg.data, "test"), PREFERENCE_COLUMNS, tokenizer=tok, max_length=context)
     keep = list(PREFERENCE_COLUMNS) + (["margin"] if cfg.margin else [])
-    train = Dataset.from_list([{**{k: r[k] for k in PREFERENCE_COLUMNS}, **({"margin": cfg.margin} if cfg.margin else {})}
-                               for r in train_rows]).select_columns(keep)
+    margin = {"margin": cfg.margin} if cfg.margin else {}
+    train = Dataset.from_list([{**{k: r[k] for k in PREFERENCE_COLUMNS}, **margin} for r in train_rows])
+    train = train.select_columns(keep)
     if cfg.use_lora:
         model = add_lora(model, cfg, task_type="SEQ_CLS")
     args = TRLRewardConfig(
@@ -136,6 +139,12 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
         tok.padding_side = "left"
         tok.save_pretrained(out)
         metrics.update(evaluate_pairs(trainer.model, tok, test_rows, cfg.eval_batch_size))
+        # Scale of the rewards on held-out answers (chosen and rejected pooled): PPO divides by it so
+        # that its KL coefficient means the same whatever scale Bradley-Terry happened to learn.
+        pooled_mean = (metrics["reward_chosen_mean"] + metrics["reward_rejected_mean"]) / 2
+        pooled_var = ((metrics["reward_chosen_std"] ** 2 + metrics["reward_rejected_std"] ** 2) / 2
+                      + (metrics["reward_chosen_mean"] - pooled_mean) ** 2)
+        atomic_write_json(out / NORMALIZATION_FILE, {"mean": pooled_mean, "std": math.sqrt(pooled_var)})
         metrics["wall_seconds"] = round(time.time() - start, 2)
         write_metrics(out, metrics)
         print(f"reward model: held-out pair accuracy {metrics['eval_accuracy']:.3f} "

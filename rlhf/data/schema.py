@@ -13,6 +13,7 @@ from rlhf.io import read_jsonl
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 SFT_COLUMNS = ("prompt", "completion")
+PROMPT_COLUMNS = ("prompt",)
 
 
 def resolve_split(data: str, split: str) -> Path:

@@ -72,7 +72,8 @@ def response_mask(responses: Tensor, stop_ids: list[int], pad_id: int | None = N
         is_stop |= responses == sid
     has_stop = is_stop.any(dim=1)
     T = responses.shape[1]
-    first_stop = torch.where(has_stop, is_stop.float().argmax(dim=1), torch.full_like(has_stop, T - 1, dtype=torch.long))
+    last = torch.full_like(has_stop, T - 1, dtype=torch.long)
+    first_stop = torch.where(has_stop, is_stop.float().argmax(dim=1), last)
     positions = torch.arange(T, device=responses.device).unsqueeze(0)
     mask = positions <= first_stop.unsqueeze(1)
     if pad_id is not None and pad_id not in stop_ids:

@@ -1,0 +1,77 @@
+"""PPOConfig: TRL 1.12's PPO field names where they apply, so a TRL user's config carries over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf.config import field
+from rlhf.errors import UserError
+from rlhf.models import ModelOptions
+
+
+@dataclass
+class PPOConfig(ModelOptions):
+    # models and data
+    model: str = field("runs/sft", help="policy to start from (usually the SFT model)")
+    reward_model: str = field("runs/reward", help="reward model for the 'model' reward source")
+    value_model: str = field("", help="start of the value model (default: the reward model, as in TRL)")
+    value_use_lora: bool = field(False, help="LoRA on the value model instead of training it fully")
+    data: str = field("runs/data", help="preference folder: prompts from train.jsonl, held-out from test.jsonl")
+    output_dir: str = field("runs/ppo", help="policy/, value/, checkpoints/, metrics.jsonl, metrics.json")
+    seed: int = field(0, help="one seed for sampling, shuffling and init: same seed, same numbers on CPU")
+    rewards: dict = field({"model": 1.0}, help="weighted reward sources: model, rule, bonus, ollama")
+    ollama_model: str = field("qwen2.5:7b", help="judge model for the 'ollama' reward source")
+    ollama_host: str = field("", help="judge host(s), comma-separated (default $OLLAMA_HOST)")
+    # rollout
+    total_episodes: int = field(4096, help="prompts sampled over the run (updates = total_episodes / batch_size)")
+    batch_size: int = field(32, help="rollouts per update, over all processes")
+    response_length: int = field(32, help="max new tokens per response")
+    temperature: float = field(0.7, help="sampling temperature (log-probs are taken at the same temperature)")
+    top_k: int = field(0, help="top-k sampling (0: off)")
+    top_p: float = field(1.0, help="nucleus sampling")
+    stop_token: str = field("eos", help="'eos': stop at <|im_end|>/EOS and mask what follows; 'none': fixed length")
+    missing_eos_penalty: float = field(1.0, help="subtracted from the score of a response with no stop token")
+    # reward shaping
+    kl_coef: float = field(0.2, help="beta in r_t = -beta*KL_t (+ score at the end); see configs for why 0.2")
+    kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator")
+    adaptive_kl: bool = field(False, help="adapt beta toward target_kl (Ziegler et al. 2019)")
+    target_kl: float = field(1.0, help="target KL (nats per sequence) of the adaptive controller")
+    kl_horizon: int = field(10000, help="horizon of the adaptive controller (episodes)")
+    whiten_rewards: bool = field(False, help="whiten per-token rewards before GAE")
+    normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
+    score_scale: float = field(1.0, help="multiply scores by this (bring a reward model's scale near 1)")
+    score_clip: float = field(0.0, help="clip scores to [-c, c] after scaling (0: off)")
+    # optimisation
+    learning_rate: float = field(1e-4, help="AdamW learning rate (policy and value)")
+    lr_schedule: Literal["constant", "linear"] = field("linear", help="learning-rate schedule over updates")
+    num_ppo_epochs: int = field(4, help="passes over each rollout batch")
+    num_mini_batches: int = field(1, help="minibatches per PPO epoch")
+    gradient_accumulation_steps: int = field(1, help="micro-batches per minibatch (memory)")
+    cliprange: float = field(0.2, help="policy ratio clip")
+    cliprange_value: float = field(0.2, help="value clip")
+    vf_coef: float = field(0.1, help="value-loss coefficient")
+    gamma: float = field(1.0, help="discount")
+    lam: float = field(0.95, help="GAE lambda")
+    max_grad_norm: float = field(1.0, help="gradient clipping")
+    early_stop_kl: float = field(0.0, help="stop an epoch when approx KL exceeds this (0: off)")
+    # logging, evaluation, checkpoints
+    log_every: int = field(1, help="log metrics every N updates")
+    sample_every: int = field(10, help="print sample completions every N updates (0: never)")
+    eval_prompts: int = field(200, help="held-out prompts for agreement before and after (0: skip)")
+    save_every: int = field(10, help="checkpoint every N updates (0: only at the end)")
+    keep_checkpoints: int = field(2, help="checkpoints kept on disk")
+    resume: bool = field(True, help="continue from the last checkpoint in output_dir when there is one")
+    report_to: str = field("tensorboard", help="accelerate tracker: tensorboard | none")
+    gc_freeze: bool = field(True, help="gc.freeze() after loading: cyclic GC over model objects costs seconds")
+
+    def validate(self) -> None:
+        if self.batch_size % self.num_mini_batches:
+            raise UserError(f"batch_size ({self.batch_size}) must be divisible by num_mini_batches "
+                            f"({self.num_mini_batches})")
+        if self.total_episodes < self.batch_size:
+            raise UserError(f"total_episodes ({self.total_episodes}) must be at least batch_size ({self.batch_size})")
+        if self.stop_token not in ("eos", "none"):
+            raise UserError(f"stop_token must be 'eos' or 'none', got {self.stop_token!r}")
+        if self.temperature <= 0:
+            raise UserError("temperature must be > 0 (PPO needs a stochastic policy)")

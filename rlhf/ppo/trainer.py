@@ -1,0 +1,530 @@
+"""`rlhf ppo`: PPO for a causal LM with a value model, a frozen reference and a per-token KL penalty.
+
+One update, as in the algorithm:
+  1. roll out: sample a response for each prompt of the batch; cut at the stop token;
+  2. score:    reward sources on prompt + response; penalty when no stop token;
+  3. evaluate: old log-probs, reference log-probs, values (no grad);
+  4. shape:    r_t = -beta * KL_t, plus the score on the last token; GAE -> advantages, returns;
+  5. learn:    num_ppo_epochs x minibatches of clipped policy + clipped value loss.
+The math lives in `rlhf.ppo.core`; this file is the loop, checkpoints and logging.
+Distributed (torchrun / accelerate launch): each process rolls out batch_size / world_size prompts,
+gradients are averaged by DDP; advantages are whitened per process.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
+from rlhf.errors import UserError
+from rlhf.generation import evaluate_policy, generate
+from rlhf.io import append_jsonl, atomic_write_json, read_jsonl, write_metrics
+from rlhf.models import add_lora, load_causal_lm, load_tokenizer, load_value_model, resolve_model, stop_token_ids
+from rlhf.ppo import core
+from rlhf.ppo.config import PPOConfig
+from rlhf.rewards import build_reward
+from rlhf.training import quiet_transformers
+
+__all__ = ["PPOConfig", "run"]
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() uses them, so log-probs match sampling."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+    """The scalar head applied at every position (a sequence classifier only reads the last one)."""
+    base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return base.score(hidden).squeeze(-1).float()
+
+
+class PolicyAndValue(nn.Module):
+    """One module for DDP: a forward returns the policy's response logits and per-token values."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                n_response: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = position_ids_of(attention_mask)
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                             logits_to_keep=n_response + 1).logits[:, :-1]
+        values = token_values(self.value, input_ids, attention_mask, pos)[:, -n_response - 1:-1]
+        return logits, values
+
+
+class PromptStream:
+    """Prompts in a seeded order, reshuffled each pass; update u of rank r is a pure function of
+    (seed, u, r), so a resumed run sees exactly the prompts it would have seen."""
+
+    def __init__(self, prompts: list[Any], seed: int) -> None:
+        self.prompts, self.seed = prompts, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            idx = list(range(len(self.prompts)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(idx)
+            self._orders = {epoch: idx}
+        return self._orders[epoch]
+
+    def batch(self, update: int, batch_size: int, rank: int, world: int) -> list[Any]:
+        local = batch_size // world
+        out = []
+        for k in range(update * batch_size + rank * local, update * batch_size + (rank + 1) * local):
+            epoch, i = divmod(k, len(self.prompts))
+            out.append(self.prompts[self._order(epoch)[i]])
+        return out
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        log_with = None if cfg.report_to in ("", "none") else cfg.report_to
+        self.acc = Accelerator(log_with=log_with, project_dir=str(self.out),
+                               mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no")
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if cfg.batch_size % (self.world * cfg.num_mini_batches * cfg.gradient_accumulation_steps):
+            raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by processes x num_mini_batches x "
+                            f"gradient_accumulation_steps ({self.world} x {cfg.num_mini_batches} x "
+                            f"{cfg.gradient_accumulation_steps})")
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.device = self.acc.device
+        self._load_data()
+        self._load_models()
+        self.num_updates = cfg.total_episodes // cfg.batch_size
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
+        schedule = (lambda u: 1.0) if cfg.lr_schedule == "constant" else (lambda u: 1.0 - u / self.num_updates)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
+        self.kl_coef = cfg.kl_coef
+        self.start_update = 0
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        # PPO needs prompts only: a preference folder, or any JSONL with a `prompt` message list.
+        train = load_rows(resolve_split(cfg.data, "train"), PROMPT_COLUMNS)
+        self.stream = PromptStream([r["prompt"] for r in train], cfg.seed)
+        self.eval_prompts: list[Any] = []
+        if cfg.eval_prompts > 0:
+            test = load_rows(resolve_split(cfg.data, "test"), PROMPT_COLUMNS)
+            self.eval_prompts = [r["prompt"] for r in test[: cfg.eval_prompts]]
+
+    def _load_models(self) -> None:
+        cfg = self.cfg
+        self.policy_path = resolve_model(cfg.model)
+        self.tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, padding_side="left")
+        self.stops = stop_token_ids(self.tok) if cfg.stop_token == "eos" else []
+        policy = load_causal_lm(cfg.model, cfg, merge_lora=True)
+        policy.generation_config.eos_token_id = self.stops or None
+        self.ref_model: nn.Module | None = None
+        if cfg.use_lora:
+            policy = add_lora(policy, cfg)  # the reference is this model with its adapters disabled
+        else:
+            self.ref_model = load_causal_lm(cfg.model, cfg, merge_lora=True).to(self.device).eval()
+            self.ref_model.requires_grad_(False)
+        value_src = cfg.value_model or cfg.reward_model or cfg.model
+        value = load_value_model(value_src, cfg.__class__(dtype=cfg.dtype, use_lora=False),
+                                 pad_token_id=self.tok.pad_token_id)
+        if cfg.value_use_lora:
+            value = add_lora(value, cfg, task_type="SEQ_CLS")
+        self.model = PolicyAndValue(policy, value).to(self.device)
+        self.reward_fn = build_reward(cfg.rewards, reward_model=cfg.reward_model, device=self.device,
+                                      ollama_model=cfg.ollama_model, ollama_host=cfg.ollama_host or None,
+                                      cache_dir=str(self.out / "judge-cache"), dtype=cfg.dtype,
+                                      normalize=cfg.normalize_reward)
+        if cfg.gc_freeze:
+            gc.collect()
+            gc.freeze()  # the model's many objects never become garbage: stop rescanning them
+
+    @property
+    def inner(self) -> PolicyAndValue:
+        return self.acc.unwrap_model(self.model)
+
+    # ---- one update -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: list[Any]) -> dict[str, Any]:
+        cfg, inner = self.cfg, self.inner
+        t0 = time.perf_counter()
+        inner.eval()
+        g = generate(inner.policy, self.tok, prompts, max_new_tokens=cfg.response_length, do_sample=True,
+                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+        t_gen = time.perf_counter() - t0
+        if self.stops:
+            mask, has_stop = core.response_mask(g.response, self.stops, self.tok.pad_token_id)
+        else:
+            mask, has_stop = torch.ones_like(g.response), torch.ones(len(prompts), dtype=torch.bool)
+        n_resp = max(1, int(mask.sum(1).max()))  # trim columns no row uses
+        response, mask = g.response[:, :n_resp], mask[:, :n_resp]
+        t1 = time.perf_counter()
+        scores = self.reward_fn(prompts, g.texts, has_stop.tolist()).float() * cfg.score_scale
+        if self.stops:
+            scores = scores - cfg.missing_eos_penalty * (~has_stop).float()
+        if cfg.score_clip > 0:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        t_score = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        ids = torch.cat([g.query, response], 1).to(self.device)
+        att = torch.cat([g.query_mask, torch.ones_like(response)], 1).to(self.device)
+        logits, values = inner(ids, att, n_resp)
+        logp = core.logprobs_of(logits, response.to(self.device), cfg.temperature)
+        entropy = core.masked_mean(core.entropy_of(logits, cfg.temperature), mask.to(self.device))
+        del logits
+        ref_logp = self._ref_logprobs(ids, att, response.to(self.device), n_resp)
+        mask, scores = mask.to(self.device), scores.to(self.device)
+        kl = core.kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
+        rewards = core.per_token_rewards(scores, kl, mask, self.kl_coef)
+        if cfg.whiten_rewards:
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = core.masked_whiten(advantages, mask)
+        t_fwd = time.perf_counter() - t2
+        return {"ids": ids, "att": att, "response": response.to(self.device), "mask": mask, "n_resp": n_resp,
+                "logp": logp, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
+                "kl": kl.sum(1), "entropy": entropy, "has_stop": has_stop, "texts": g.texts, "prompts": prompts,
+                "t_gen": t_gen, "t_score": t_score, "t_fwd": t_fwd,
+                "reward_parts": dict(getattr(self.reward_fn, "last", {}))}
+
+    def _ref_logprobs(self, ids: torch.Tensor, att: torch.Tensor, response: torch.Tensor, n_resp: int) -> torch.Tensor:
+        pos = position_ids_of(att)
+        if self.ref_model is not None:
+            ctx, ref = nullcontext(), self.ref_model
+        else:
+            ctx, ref = self.inner.policy.disable_adapter(), self.inner.policy
+        with ctx:
+            logits = ref(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=n_resp + 1).logits[:, :-1]
+        return core.logprobs_of(logits, response, self.cfg.temperature)
+
+    def learn(self, batch: dict[str, Any], update: int) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        n = batch["ids"].shape[0]
+        mb = n // cfg.num_mini_batches
+        micro = mb // cfg.gradient_accumulation_steps
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + update)  # minibatch order: resumable
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")}
+        for _epoch in range(cfg.num_ppo_epochs):
+            perm = torch.randperm(n, generator=gen)
+            stop_epoch = False
+            for start in range(0, n, mb):
+                for k in range(start, start + mb, micro):
+                    idx = perm[k:k + micro].to(self.device)
+                    sync = k + micro >= start + mb
+                    with (nullcontext() if sync or self.world == 1 else self.model.no_sync()):
+                        logits, values = self.model(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
+                        new_logp = core.logprobs_of(logits, batch["response"][idx], cfg.temperature)
+                        m = batch["mask"][idx]
+                        pg_loss, pst = core.policy_loss(new_logp, batch["logp"][idx], batch["advantages"][idx], m,
+                                                        cfg.cliprange)
+                        vf_loss, vst = core.value_loss(values, batch["values"][idx], batch["returns"][idx], m,
+                                                       cfg.cliprange_value)
+                        loss = pg_loss + cfg.vf_coef * vf_loss
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"non-finite loss ({loss.item()}) at update {update}")
+                        self.acc.backward(loss / cfg.gradient_accumulation_steps)
+                    for key, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pst["clipfrac"]),
+                                     ("approx_kl", pst["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
+                        stats[key].append(float(val.detach()))
+                self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if cfg.early_stop_kl > 0:
+                    akl = self.acc.reduce(torch.tensor(stats["approx_kl"][-1], device=self.device), "mean")
+                    if float(akl) > cfg.early_stop_kl:
+                        stop_epoch = True
+                        break
+            if stop_epoch:
+                break
+        self.scheduler.step()
+        return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _checkpoint_dirs(self) -> list[Path]:
+        root = self.out / "checkpoints"
+        return sorted(p for p in root.glob("update-*") if (p / "state.json").is_file()) if root.is_dir() else []
+
+    def save_checkpoint(self, update: int) -> None:
+        """Everything needed to continue exactly: weights/adapters, optimizer, scheduler, RNG, position."""
+        self.acc.wait_for_everyone()
+        root = self.out / "checkpoints"
+        final = root / f"update-{update:06d}"
+        tmp = root / f".tmp-update-{update:06d}"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({"model": {k: v for k, v in self.inner.state_dict().items()
+                                  if self._trainable_or_buffer(k)},
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       tmp / "trainer.pt")
+        self.acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            atomic_write_json(tmp / "state.json", {"update": update, "kl_coef": self.kl_coef, "world_size": self.world})
+            os.replace(tmp, final)  # a checkpoint exists whole or not at all
+            for old in self._checkpoint_dirs()[:-max(1, self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def _trainable_or_buffer(self, key: str) -> bool:
+        if not hasattr(self, "_trainable_keys"):
+            self._trainable_keys = {n for n, p in self.inner.named_parameters() if p.requires_grad}
+        return key in self._trainable_keys
+
+    def maybe_resume(self) -> None:
+        ckpts = self._checkpoint_dirs()
+        if not (self.cfg.resume and ckpts):
+            return
+        ck = ckpts[-1]
+        state = json.loads((ck / "state.json").read_text())
+        if state.get("world_size", 1) != self.world:
+            raise UserError(f"{ck}: written by {state.get('world_size')} processes, resumed with {self.world}; "
+                            "resume with the same number or start a new --output_dir")
+        blob = torch.load(ck / "trainer.pt", map_location=self.device, weights_only=False)
+        missing = self.inner.load_state_dict(blob["model"], strict=False)
+        if missing.unexpected_keys:
+            raise UserError(f"{ck}: checkpoint does not match this model ({missing.unexpected_keys[0]}); "
+                            "use a new --output_dir or the config it was written with")
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler.load_state_dict(blob["scheduler"])
+        _set_rng_state(torch.load(ck / f"rng-{self.rank}.pt", weights_only=False))
+        self.kl_coef = state["kl_coef"]
+        if self.kl_ctl:
+            self.kl_ctl.value = self.kl_coef
+        self.start_update = state["update"]
+        log = self.out / "metrics.jsonl"
+        if self.acc.is_main_process and log.exists():  # drop rows logged after the checkpoint
+            rows = [r for r in read_jsonl(log, tolerate_torn_tail=True) if r.get("update", 0) <= self.start_update]
+            tmp = log.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, log)
+        print(f"resuming from {ck} (update {self.start_update} of {self.num_updates})", flush=True)
+
+    # ---- evaluation and outputs -----------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        if not self.eval_prompts:
+            return {}
+        cfg, policy = self.cfg, self.inner.policy
+        out: dict[str, Any] = {}
+        for mode, sample in (("greedy", False), ("sampled", True)):
+            r = evaluate_policy(policy, self.tok, self.eval_prompts, do_sample=sample, temperature=cfg.temperature,
+                                max_new_tokens=cfg.response_length, seed=cfg.seed + 12345)
+            out[f"agreement_{mode}"] = r["agreement"]
+            out[f"json_valid_{mode}"] = r["json_valid"]
+            out[f"mean_length_{mode}"] = r["mean_length"]
+            out[f"action_share_{mode}"] = r["action_share"]
+            if mode == "greedy":
+                out["samples"] = r["samples"]
+        # mean reward of sampled answers on held-out prompts (same sources as training)
+        state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed + 999)
+        g = generate(policy, self.tok, self.eval_prompts, max_new_tokens=cfg.response_length, do_sample=True,
+                     temperature=cfg.temperature)
+        out["reward_mean"] = float(self.reward_fn(self.eval_prompts, g.texts, g.has_stop).mean())
+        torch.random.set_rng_state(state)
+        return out
+
+    def save_outputs(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        policy = self.inner.policy
+        target = self.out / "policy"
+        tmp = self.out / ".tmp-policy"
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp)
+        self.tok.save_pretrained(tmp)
+        if (tmp / "adapter_config.json").is_file():  # record the base relative to the adapter: relocatable
+            acfg = json.loads((tmp / "adapter_config.json").read_text())
+            base = Path(self.policy_path)
+            if base.exists():
+                acfg["base_model_name_or_path"] = os.path.relpath(base.resolve(), target.resolve())
+            atomic_write_json(tmp / "adapter_config.json", acfg)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        value_dir = self.out / "value"
+        shutil.rmtree(value_dir, ignore_errors=True)
+        self.inner.value.save_pretrained(value_dir)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        wall0 = time.time()
+        self.maybe_resume()
+        before = self._before_metrics()
+        if self.acc.is_main_process:
+            scalars = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
+            self.acc.init_trackers("ppo", config=scalars)
+        bar = tqdm(range(self.start_update, self.num_updates), desc="ppo", disable=not self.acc.is_main_process,
+                   initial=self.start_update, total=self.num_updates)
+        t_train = 0.0
+        episodes = tokens = 0
+        timing = {"generate": 0.0, "score": 0.0, "forward": 0.0, "update": 0.0}
+        last: dict[str, Any] = {}
+        for update in bar:
+            t0 = time.perf_counter()
+            prompts = self.stream.batch(update, cfg.batch_size, self.rank, self.world)
+            batch = self.rollout(prompts)
+            if not torch.isfinite(batch["scores"]).all():
+                raise FloatingPointError(f"non-finite reward at update {update + 1}")
+            t1 = time.perf_counter()
+            try:
+                stats = self.learn(batch, update)
+            except FloatingPointError:
+                raise
+            dt = time.perf_counter() - t0
+            t_train += dt
+            n_local = len(prompts)
+            episodes += n_local * self.world
+            tokens += int(batch["mask"].sum()) * self.world
+            for k, v in (("generate", batch["t_gen"]), ("score", batch["t_score"]), ("forward", batch["t_fwd"]),
+                         ("update", time.perf_counter() - t1)):
+                timing[k] += v
+            row = self._update_metrics(update + 1, batch, stats, episodes / t_train, tokens / t_train)
+            if self.kl_ctl:
+                self.kl_coef = self.kl_ctl.update(row["kl"], cfg.batch_size)
+            last = row
+            if self.acc.is_main_process:
+                if (update + 1) % cfg.log_every == 0 or update + 1 == self.num_updates:
+                    append_jsonl(self.out / "metrics.jsonl", [row])
+                    self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=update + 1)
+                bar.set_postfix(score=f"{row['score_mean']:.2f}", kl=f"{row['kl']:.2f}", ent=f"{row['entropy']:.2f}")
+                if cfg.sample_every and (update + 1) % cfg.sample_every == 0:
+                    tqdm.write(f"[update {update + 1}] {batch['texts'][0]!r} -> score {float(batch['scores'][0]):.2f}")
+            if cfg.save_every and (update + 1) % cfg.save_every == 0 and update + 1 < self.num_updates:
+                self.save_checkpoint(update + 1)
+        bar.close()
+        if self.num_updates > self.start_update:
+            self.save_checkpoint(self.num_updates)
+        after = self.evaluate() if self.acc.is_main_process else {}
+        self.save_outputs()
+        self.acc.end_training()
+        metrics = self._final_metrics(before, after, last, timing, t_train, episodes, tokens, time.time() - wall0)
+        if self.acc.is_main_process:
+            write_metrics(self.out, metrics)
+            self._plot()
+        self.acc.wait_for_everyone()
+        return metrics
+
+    def _before_metrics(self) -> dict[str, Any]:
+        """Evaluation of the starting policy, computed once and kept across resumes."""
+        path = self.out / "before.json"
+        if not self.acc.is_main_process:
+            return {}
+        if path.is_file():
+            return json.loads(path.read_text())
+        before = self.evaluate()
+        atomic_write_json(path, before)
+        return before
+
+    def _update_metrics(self, update: int, b: dict[str, Any], stats: dict[str, float], eps: float,
+                        tps: float) -> dict[str, Any]:
+        mask = b["mask"]
+        local = {
+            "score_mean": float(b["scores"].mean()),
+            "score_std": float(b["scores"].std()) if len(b["scores"]) > 1 else 0.0,
+            "kl": float(b["kl"].mean()), "entropy": float(b["entropy"]),
+            "response_length": float(mask.sum(1).float().mean()),
+            "no_stop_fraction": float((~b["has_stop"]).float().mean()),
+            "explained_variance": core.explained_variance(b["values"], b["returns"], mask),
+            **stats,
+        }
+        t = torch.tensor(list(local.values()), device=self.device, dtype=torch.float64)
+        t = self.acc.reduce(t, "mean") if self.world > 1 else t
+        row: dict[str, Any] = {"update": update, **dict(zip(local, t.tolist()))}
+        row.update({"kl_coef": self.kl_coef, "lr": self.scheduler.get_last_lr()[0], "episodes_per_second": eps,
+                    "tokens_per_second": tps,
+                    **{f"reward_{k}": v for k, v in b["reward_parts"].items()}})
+        for k, v in row.items():
+            if isinstance(v, float) and not math.isfinite(v) and k in ("score_mean", "kl"):
+                raise FloatingPointError(f"non-finite {k} at update {update}")
+        return row
+
+    def _final_metrics(self, before: dict[str, Any], after: dict[str, Any], last: dict[str, Any],
+                       timing: dict[str, float], t_train: float, episodes: int, tokens: int,
+                       wall: float) -> dict[str, Any]:
+        final = (self._logged_rows() or [last])[-1]
+        m: dict[str, Any] = {
+            "agreement_before": before.get("agreement_greedy"), "agreement_after": after.get("agreement_greedy"),
+            "agreement_sampled_before": before.get("agreement_sampled"),
+            "agreement_sampled_after": after.get("agreement_sampled"),
+            "json_valid_before": before.get("json_valid_greedy"), "json_valid_after": after.get("json_valid_greedy"),
+            "reward_before": before.get("reward_mean"), "reward_after": after.get("reward_mean"),
+            "kl_final": final.get("kl"), "score_final": final.get("score_mean"),
+            "updates": self.num_updates, "episodes": self.num_updates * self.cfg.batch_size,
+            "episodes_per_second": (episodes / t_train) if t_train else None,
+            "tokens_per_second": (tokens / t_train) if t_train else None,
+            "train_seconds_this_run": round(t_train, 2),
+            "time_split_seconds": {k: round(v, 2) for k, v in timing.items()},
+            "wall_seconds": round(wall, 2), "world_size": self.world, "resumed_from_update": self.start_update,
+            "samples_before": before.get("samples", []), "samples_after": after.get("samples", []),
+            "action_share_after": after.get("action_share_greedy"),
+        }
+        return m
+
+    def _logged_rows(self) -> list[dict[str, Any]]:
+        log = self.out / "metrics.jsonl"
+        return read_jsonl(log, tolerate_torn_tail=True) if log.exists() else []
+
+    def _plot(self) -> None:
+        from rlhf.plots import plot_curves
+
+        rows = self._logged_rows()
+        if rows:
+            plot_curves(rows, ["score_mean", "kl", "entropy", "vf_loss", "clipfrac", "response_length"],
+                        self.out / "ppo_curves.png", title="PPO")
+
+
+def run(cfg: PPOConfig) -> dict[str, Any]:
+    quiet_transformers()
+    trainer = PPOTrainer(cfg)
+    try:
+        metrics = trainer.train()
+    except FloatingPointError as e:
+        ck = trainer._checkpoint_dirs()
+        where = f"; the last good checkpoint is {ck[-1]}" if ck else ""
+        raise UserError(f"PPO stopped: {e}{where}. Lower --learning_rate or raise --kl_coef, then rerun "
+                        "(it resumes from the checkpoint)") from None
+    if trainer.acc.is_main_process:
+        print(f"PPO done: agreement {metrics['agreement_before']} -> {metrics['agreement_after']}, "
+              f"KL {metrics['kl_final']:.2f}, {metrics['episodes_per_second']:.1f} episodes/s, world size "
+              f"{metrics['world_size']} -> {cfg.output_dir}")
+    return metrics

@@ -1,0 +1,145 @@
+"""Reward sources for PPO, composable with weights.
+
+Each source maps (prompts, responses, has_stop) to one score per response:
+- `model`:  the trained reward model on prompt + response (rendered with the chat template);
+- `rule`:   the rule teacher: +1 valid JSON agreeing with it, 0 valid but another action, -1 invalid;
+- `bonus`:  1 when the answer's action is the rule's (the seed's "+0.2 for the optimal action");
+- `ollama`: an Ollama judge (batched, cached, the project's one client) scoring the answer in [0, 1];
+            a failed judgement scores a neutral 0.5 and is counted.
+`build_reward({"rule": 0.7, "ollama": 0.3, "bonus": 0.2})` is the seed's mix as one config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlhf.errors import UserError
+from rlhf.generation import judge
+
+Messages = list[dict[str, str]]
+RewardFn = Callable[[list[Messages], list[str], list[bool]], torch.Tensor]
+
+JUDGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
+    "required": ["score"],
+}
+JUDGE_PROMPT = (
+    "You grade chip-design advice. Question:\n{question}\n\nAnswer:\n{answer}\n\n"
+    'Is the answer valid JSON {{"action", "reason"}} with sound advice? Reply as JSON {{"score": s}} with s '
+    "between 0 (wrong or malformed) and 1 (correct and well argued)."
+)
+
+
+class ModelReward:
+    """The trained reward model (scalar head). With `normalize`, scores are standardised by the
+    mean/std the reward stage measured on held-out answers, so they are near N(0, 1)."""
+
+    def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 64,
+                 dtype: str = "float32", normalize: bool = True) -> None:
+        import json
+        from pathlib import Path
+
+        from rlhf.models import ModelOptions, load_tokenizer, load_value_model
+        from rlhf.reward import NORMALIZATION_FILE
+
+        self.tok = load_tokenizer(path, padding_side="right")
+        self.model = load_value_model(path, ModelOptions(dtype=dtype, use_lora=False),
+                                      pad_token_id=self.tok.pad_token_id).to(device).eval()
+        self.model.requires_grad_(False)
+        self.batch_size = batch_size
+        self.shift, self.scale = 0.0, 1.0
+        stats = Path(path) / NORMALIZATION_FILE
+        if normalize and stats.is_file():
+            data = json.loads(stats.read_text())
+            self.shift, self.scale = float(data["mean"]), max(float(data["std"]), 1e-6)
+
+    def __call__(self, prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
+        from rlhf.reward import score_texts
+
+        convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+        return (torch.tensor(score_texts(self.model, self.tok, convs, self.batch_size)) - self.shift) / self.scale
+
+
+def rule_reward(prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
+    out = []
+    for p, r, s in zip(prompts, responses, has_stop):
+        valid, agree, _ = judge(p[-1]["content"], r, s)
+        out.append(1.0 if agree else (0.0 if valid else -1.0))
+    return torch.tensor(out)
+
+
+def bonus_reward(prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
+    return torch.tensor([float(judge(p[-1]["content"], r, s)[1]) for p, r, s in zip(prompts, responses, has_stop)])
+
+
+class OllamaJudgeReward:
+    """An LLM judge served by Ollama. Never called inside a forward pass: once per rollout batch."""
+
+    def __init__(self, model: str, hosts: str | None, cache_dir: str | None, concurrency: int = 4,
+                 timeout: float = 60.0, retries: int = 3) -> None:
+        from rlhf.teachers.ollama import OllamaPool
+
+        self.pool = OllamaPool(model=model, hosts=hosts, concurrency=concurrency, timeout=timeout,
+                               retries=retries, cache_dir=cache_dir)
+        self.pool.check()
+        self.failures = 0
+
+    @staticmethod
+    def _validate(obj: dict) -> None:
+        score = obj.get("score")
+        if not isinstance(score, (int, float)) or not 0 <= float(score) <= 1:
+            raise ValueError("score must be a number in [0, 1]")
+
+    def __call__(self, prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
+        texts = [JUDGE_PROMPT.format(question=p[-1]["content"], answer=r) for p, r in zip(prompts, responses)]
+        results = self.pool.chat_json_many(texts, JUDGE_SCHEMA, validate=self._validate)
+        scores = []
+        for res in results:
+            if res.ok and res.data is not None:
+                scores.append(float(res.data["score"]))
+            else:
+                self.failures += 1
+                scores.append(0.5)
+        return torch.tensor(scores)
+
+
+class MixedReward:
+    """sum_i w_i * source_i(...), the per-source means kept for logging."""
+
+    def __init__(self, parts: list[tuple[str, float, RewardFn]]) -> None:
+        self.parts = parts
+        self.last: dict[str, float] = {}
+
+    def __call__(self, prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
+        total = torch.zeros(len(responses))
+        for name, weight, fn in self.parts:
+            s = fn(prompts, responses, has_stop).float()
+            self.last[name] = float(s.mean())
+            total += weight * s
+        return total
+
+
+def build_reward(weights: dict[str, float], *, reward_model: str = "", device: Any = "cpu",
+                 ollama_model: str = "qwen2.5:7b", ollama_host: str | None = None,
+                 cache_dir: str | None = None, dtype: str = "float32", normalize: bool = True) -> MixedReward:
+    parts: list[tuple[str, float, RewardFn]] = []
+    for name, weight in weights.items():
+        if name == "model":
+            if not reward_model:
+                raise UserError("reward source 'model' needs --reward_model PATH (the output of `rlhf reward`)")
+            parts.append((name, float(weight), ModelReward(reward_model, device, dtype=dtype, normalize=normalize)))
+        elif name == "rule":
+            parts.append((name, float(weight), rule_reward))
+        elif name == "bonus":
+            parts.append((name, float(weight), bonus_reward))
+        elif name == "ollama":
+            parts.append((name, float(weight), OllamaJudgeReward(ollama_model, ollama_host, cache_dir)))
+        else:
+            raise UserError(f"unknown reward source '{name}' in rewards; use model, rule, bonus or ollama")
+    if not parts:
+        raise UserError("rewards is empty: give at least one source, e.g. rewards: {model: 1.0}")
+    return MixedReward(parts)
