@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from pathlib import Path
@@ -158,6 +159,8 @@ def split_overrides(argv: list[str], bool_keys: set[str]) -> tuple[str | None, d
             raise UserError(f"unexpected argument {tok!r}: options are written --key value")
         key, eq, val = tok[2:].partition("=")
         key = key.replace("-", "_")
+        if keyword.iskeyword(key):  # `--from` fills the field `from_` (PEP 8's spelling)
+            key += "_"
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or (nxt.startswith("--") and len(nxt) > 2):
@@ -210,7 +213,8 @@ def help_text(cls: type, stage: str, doc: str) -> str:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         tp = _strip_optional(hints[f.name])[0]
         tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
-        lines.append(f"  --{f.name} {tname} (default: {default!r})")
+        flag = f.name[:-1] if keyword.iskeyword(f.name[:-1]) else f.name
+        lines.append(f"  --{flag} {tname} (default: {default!r})")
         if f.metadata.get("help"):
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)

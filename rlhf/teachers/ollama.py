@@ -281,6 +281,32 @@ class OllamaPool:
                 return OllamaResult(False, None, text, "schema", host)
         return OllamaResult(True, data, text, None, host)
 
+    def chat_text(self, messages: list[dict]) -> OllamaResult:
+        """The model's own answer, unconstrained and uncached (evaluating a served model: its format
+        is what is measured). Transport faults are retried like chat_json; the content is never."""
+        with self._lock:
+            start = next(self._next_host)
+        result = OllamaResult(False, None, "", "unknown")
+        for attempt in range(self.retries + 1):
+            host = self._pick_host(attempt, start)
+            with self._lock:
+                self.requests += 1
+                self.per_host[host] += 1
+            try:
+                resp = self._clients[host].chat(model=self.model, messages=messages, options=self.options,
+                                                stream=False)
+                return OllamaResult(True, None, resp.message.content or "", None, host)
+            except Exception as e:  # noqa: BLE001 - classified into a tag, as in _attempt
+                result = OllamaResult(False, None, "", self._transport_tag(e), host)
+            with self._lock:
+                self.attempt_failures[result.error or "unknown"] += 1
+            if result.error not in RETRYABLE or attempt == self.retries:
+                break
+            time.sleep(min(MAX_BACKOFF, self.backoff * (2 ** attempt)))
+        with self._lock:
+            self.failures[result.error or "unknown"] += 1
+        return result
+
     def chat_json_many(self, prompts: list[str], schema: dict, validate: Callable[[dict], Any] | None = None,
                        system: str | None = None, progress: bool = False) -> list[OllamaResult]:
         """`chat_json` over many prompts in threads (`concurrency` per host); order is preserved."""

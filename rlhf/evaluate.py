@@ -1,0 +1,245 @@
+"""`rlhf eval`: compare any set of models on held-out chips (the test split).
+
+Models are local (a folder, a LoRA adapter, a .gguf, a short name: `--models base=runs/base,ppo=runs/ppo/policy`)
+or served by Ollama (`--ollama_models chip-advisor`, asked through the project's Ollama client).
+For each model, on the first `n` prompts of the test split:
+  agreement_greedy / json_valid_greedy  greedy answers (Ollama: temperature 0) judged by the rule teacher
+  agreement_sampled / json_valid_sampled sampled at `temperature` (seeded)
+  reward_mean       mean reward-model score of the sampled answers, standardised as PPO does
+  kl_to_reference   mean over prompts of sum over the sampled answer's tokens of
+                    log p_model - log p_ref, both at `temperature` as in PPO (local models only)
+  mean_length       tokens of the greedy answers
+A table is printed and the same numbers are written to metrics.json as {"models": {name: {...}}}.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import field
+from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
+from rlhf.errors import UserError
+from rlhf.generation import evaluate_policy, generate, judge
+from rlhf.io import write_metrics
+from rlhf.models import ModelOptions, load_causal_lm, load_tokenizer, stop_token_ids
+from rlhf.training import quiet_transformers, seed_everything
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class EvalConfig:
+    models: str = field("", help="local models as name=PATH,name=PATH (a bare PATH is named after its folder)")
+    data: str = field("runs/data", help="folder from `rlhf data preference` (uses test.jsonl) or a .jsonl")
+    output_dir: str = field("runs/eval", help="where metrics.json goes")
+    seed: int = field(0, help="seed of the sampled answers (the same for every model)")
+    n: int = field(200, help="held-out prompts (the first n of the test split)")
+    reward_model: str = field("", help="reward model for reward_mean (empty: not measured)")
+    reference: str = field("", help="reference model for kl_to_reference, usually the SFT model (empty: not measured)")
+    ollama_models: str = field("", help="models served by Ollama, comma-separated: name or label=ollama_name")
+    ollama_host: str = field("", help="Ollama host(s), comma-separated (default $OLLAMA_HOST)")
+    temperature: float = field(0.7, help="temperature of the sampled pass and of the KL log-probs (PPO's)")
+    max_new_tokens: int = field(48, help="answer length budget")
+    batch_size: int = field(64, help="prompts per generation batch")
+    normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
+    n_samples: int = field(3, help="greedy sample answers kept per model in metrics.json")
+    dtype: str = field("float32", help="float32 | bfloat16 | float16 | auto")
+    concurrency: int = field(4, help="concurrent Ollama requests per host")
+    timeout: float = field(120.0, help="seconds per Ollama request")
+
+    def validate(self) -> None:
+        if not self.models.strip() and not self.ollama_models.strip():
+            raise UserError("nothing to evaluate: pass --models name=PATH,... and/or --ollama_models NAME,...")
+        if self.n < 1:
+            raise UserError(f"--n must be >= 1, got {self.n}")
+        if self.temperature <= 0:
+            raise UserError("--temperature must be > 0 (it is the sampled pass's temperature)")
+
+
+def parse_named(spec: str, what: str) -> dict[str, str]:
+    """'a=X,b=Y' or 'X,Y' -> {name: value}; names must be unique."""
+    out: dict[str, str] = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, eq, value = item.partition("=")
+        if not eq:
+            name, value = Path(item.rstrip("/")).name or item, item
+        name, value = name.strip(), value.strip()
+        if not name or not value:
+            raise UserError(f"--{what}: {item!r} is not name=VALUE")
+        if name in out:
+            raise UserError(f"--{what}: the name {name!r} is used twice; write name=VALUE to tell them apart")
+        out[name] = value
+    return out
+
+
+@torch.no_grad()
+def sequence_logprobs(model: Any, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
+                      mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over the masked response tokens of log p(token | prefix) at `temperature`: [B]."""
+    from rlhf.ppo.core import logprobs_of
+    from rlhf.ppo.trainer import position_ids_of
+
+    device = next(model.parameters()).device
+    ids = torch.cat([query, response], 1).to(device)
+    att = torch.cat([query_mask, torch.ones_like(response)], 1).to(device)
+    n = response.shape[1]
+    logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_of(att),
+                   logits_to_keep=n + 1).logits[:, :-1]
+    return (logprobs_of(logits, response.to(device), temperature) * mask.to(device)).sum(1).float().cpu()
+
+
+def _same_vocab(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+class Scorer:
+    """The reward model (standardised as PPO does), loaded once for all models."""
+
+    def __init__(self, path: str, dtype: str, normalize: bool) -> None:
+        from rlhf.rewards import ModelReward
+
+        self.fn = ModelReward(path, dtype=dtype, normalize=normalize)
+
+    def __call__(self, prompts: list[Messages], texts: list[str]) -> float:
+        return float(self.fn(prompts, texts, [True] * len(texts)).mean())
+
+
+def _judge_all(prompts: list[Messages], texts: list[str], has_stop: list[bool]) -> tuple[float, float]:
+    verdicts = [judge(p[-1]["content"], t, s) for p, t, s in zip(prompts, texts, has_stop)]
+    n = max(1, len(verdicts))
+    return sum(a for _, a, _ in verdicts) / n, sum(v for v, _, _ in verdicts) / n
+
+
+def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: Scorer | None,
+               reference: tuple[Any, Any] | None) -> dict[str, Any]:
+    tok = load_tokenizer(path, padding_side="left")
+    model = load_causal_lm(path, ModelOptions(dtype=cfg.dtype, use_lora=False), merge_lora=True).eval()
+    greedy = evaluate_policy(model, tok, prompts, do_sample=False, max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.batch_size, seed=cfg.seed, n_samples=cfg.n_samples)
+    # The sampled pass: its answers are scored, judged and compared with the reference.
+    from rlhf.ppo.core import response_mask
+
+    stops = stop_token_ids(tok)
+    texts: list[str] = []
+    has_stop: list[bool] = []
+    kls: list[torch.Tensor] = []
+    ref_ok = reference is not None and _same_vocab(reference[1], tok)
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed + 1)  # the same seed for every model: differences are the models'
+    for i in range(0, len(prompts), cfg.batch_size):
+        batch = prompts[i:i + cfg.batch_size]
+        g = generate(model, tok, batch, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                     temperature=cfg.temperature)
+        texts += g.texts
+        has_stop += g.has_stop
+        if ref_ok:
+            assert reference is not None
+            mask, _ = response_mask(g.response, stops, tok.pad_token_id)
+            lp = sequence_logprobs(model, g.query, g.query_mask, g.response, mask, cfg.temperature)
+            ref_lp = sequence_logprobs(reference[0], g.query, g.query_mask, g.response, mask, cfg.temperature)
+            kls.append(lp - ref_lp)
+    torch.random.set_rng_state(rng)
+    agree_s, valid_s = _judge_all(prompts, texts, has_stop)
+    return {
+        "kind": "local", "path": path,
+        "agreement_greedy": greedy["agreement"], "json_valid_greedy": greedy["json_valid"],
+        "agreement_sampled": agree_s, "json_valid_sampled": valid_s,
+        "reward_mean": scorer(prompts, texts) if scorer else None,
+        "kl_to_reference": float(torch.cat(kls).mean()) if kls else None,
+        "mean_length": greedy["mean_length"], "action_share": greedy["action_share"],
+        "samples": greedy["samples"],
+    }
+
+
+def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: Scorer | None,
+                length_tok: Any) -> dict[str, Any]:
+    """A model served by Ollama: greedy = temperature 0; sampled = `temperature` with a fixed seed."""
+    from rlhf.teachers.ollama import OllamaPool
+
+    out: dict[str, Any] = {"kind": "ollama", "path": f"ollama:{name}"}
+    answers: dict[str, list[str]] = {}
+    for mode, options in (("greedy", {"temperature": 0, "seed": cfg.seed}),
+                          ("sampled", {"temperature": cfg.temperature, "seed": cfg.seed})):
+        pool = OllamaPool(model=name, hosts=cfg.ollama_host or None, concurrency=cfg.concurrency,
+                          timeout=cfg.timeout, options={**options, "num_predict": cfg.max_new_tokens})
+        try:
+            pool.check()
+            with ThreadPoolExecutor(max_workers=pool.concurrency * len(pool.hosts)) as ex:
+                results = list(ex.map(pool.chat_text, prompts))
+        finally:
+            pool.close()
+        failed = [r.error for r in results if not r.ok]
+        if failed:
+            raise UserError(f"Ollama model {name}: {len(failed)} of {len(results)} requests failed "
+                            f"(first: {failed[0]}); check the server and rerun")
+        answers[mode] = [r.text for r in results]
+        # Ollama stops at the template's stop tokens; an answer is complete as returned.
+        out[f"agreement_{mode}"], out[f"json_valid_{mode}"] = _judge_all(prompts, answers[mode], [True] * len(prompts))
+    out["reward_mean"] = scorer(prompts, answers["sampled"]) if scorer else None
+    out["kl_to_reference"] = None  # Ollama returns no token log-probabilities
+    out["mean_length"] = (sum(len(length_tok(t, add_special_tokens=False)["input_ids"]) for t in answers["greedy"])
+                          / len(prompts)) if length_tok is not None else None
+    out["samples"] = [{"prompt": p[-1]["content"], "response": t}
+                      for p, t in zip(prompts[:cfg.n_samples], answers["greedy"])]
+    return out
+
+
+COLUMNS = [("agreement_greedy", "agree"), ("agreement_sampled", "agree@T"), ("json_valid_greedy", "json"),
+           ("json_valid_sampled", "json@T"), ("reward_mean", "reward"), ("kl_to_reference", "KL(ref)"),
+           ("mean_length", "length")]
+
+
+def format_table(models: dict[str, dict[str, Any]]) -> str:
+    width = max([5, *map(len, models)])
+    head = "model".ljust(width) + "".join(f"{label:>10}" for _, label in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, m in models.items():
+        cells = "".join(f"{m[k]:>10.3f}" if isinstance(m.get(k), (int, float)) else f"{'-':>10}" for k, _ in COLUMNS)
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    quiet_transformers()
+    seed_everything(cfg.seed)
+    start = time.time()
+    local = parse_named(cfg.models, "models")
+    served = parse_named(cfg.ollama_models, "ollama_models") if cfg.ollama_models.strip() else {}
+    clash = set(local) & set(served)
+    if clash:
+        raise UserError(f"the name {sorted(clash)[0]!r} is given to a local and an Ollama model; rename one")
+    rows = load_rows(resolve_split(cfg.data, "test"), PROMPT_COLUMNS)[: cfg.n]
+    prompts = [r["prompt"] for r in rows]
+    scorer = Scorer(cfg.reward_model, cfg.dtype, cfg.normalize_reward) if cfg.reward_model else None
+    reference = None
+    if cfg.reference:
+        ref_model = load_causal_lm(cfg.reference, ModelOptions(dtype=cfg.dtype, use_lora=False), merge_lora=True)
+        reference = (ref_model.eval(), load_tokenizer(cfg.reference))
+    results: dict[str, dict[str, Any]] = {}
+    for name, path in local.items():
+        t = time.time()
+        results[name] = eval_local(path, prompts, cfg, scorer, reference)
+        if reference is not None and results[name]["kl_to_reference"] is None:
+            results[name]["note"] = "no KL: the tokenizer differs from the reference's"
+        results[name]["seconds"] = round(time.time() - t, 2)
+        print(f"eval {name}: agreement {results[name]['agreement_greedy']:.3f} ({time.time() - t:.0f} s)", flush=True)
+    length_tok = reference[1] if reference else (scorer.fn.tok if scorer else None)
+    for label, name in served.items():
+        t = time.time()
+        results[label] = eval_ollama(name, prompts, cfg, scorer, length_tok)
+        results[label]["seconds"] = round(time.time() - t, 2)
+    metrics = {"models": results, "n": len(prompts), "data": cfg.data, "reference": cfg.reference or None,
+               "reward_model": cfg.reward_model or None, "temperature": cfg.temperature,
+               "wall_seconds": round(time.time() - start, 2)}
+    print(f"\nheld-out chips: {len(prompts)} (agree@T, json@T: sampled at T={cfg.temperature})")
+    print(format_table(results))
+    write_metrics(cfg.output_dir, metrics)
+    return metrics

@@ -1,0 +1,227 @@
+"""report.md for a pipeline run folder: every number is read from the stages' metrics files.
+
+Plots (PNG, matplotlib Agg) go to RUN/plots/: the reward model's held-out accuracy (overall and per
+rejection strategy), PPO curves (score, KL, entropy, value loss over updates), agreement and JSON
+validity per model on held-out chips. A stage without results is said to be missing, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf.io import atomic_write_text, read_json, read_jsonl
+
+ORDER = ("base", "data", "sft", "reward", "ppo", "eval", "export")
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data = read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabel: str) -> Path:
+    """Grouped bar chart: one group per key of `groups`, one bar per inner key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(groups)
+    series = list(dict.fromkeys(k for g in groups.values() for k in g))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(names) * max(1, len(series)) * 0.6 + 2), 3.4))
+    for j, s in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(names))]
+        ys = [groups[n].get(s, 0.0) or 0.0 for n in names]
+        bars = ax.bar(xs, ys, width, label=s)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=20 if max(map(len, names)) > 10 else 0)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def write_report(run_dir: str | Path) -> Path:
+    root = Path(run_dir)
+    plots = root / "plots"
+    m = {name: _load(root / name / "metrics.json") for name in ORDER}
+    pipe = _load(root / "pipeline.json") or {}
+    stages = pipe.get("stages", {})
+    lines: list[str] = [f"# RLHF run: {pipe.get('name', root.name)}", ""]
+    lines += [f"Run folder `{root}`, base model `{pipe.get('base_model', 'unknown')}`. Every number below is "
+              "read from the stages' `metrics.json` files.", ""]
+
+    # -- stages and wall time
+    lines += ["## Stages and wall time", "", "| stage | status | wall time (s) | folder |", "|---|---|---|---|"]
+    missing = []
+    for name in ORDER:
+        st = stages.get(name, {})
+        status = st.get("status") or ("done" if m[name] else "missing")
+        if status == "disabled":
+            pass
+        elif not m[name]:
+            status = "missing (no metrics.json)"
+            missing.append(name)
+        lines.append(f"| {name} | {status} | {_fmt(st.get('seconds'), 1)} | `{name}/` |")
+    total = pipe.get("stage_seconds_total")
+    lines += ["", f"Total stage time: {_fmt(total, 1)} s (the time of the runs that produced each stage's "
+              "outputs; a skipped stage keeps the time it took when it ran)." if total is not None else
+              "No pipeline.json: stage times unknown.", ""]
+    if missing:
+        lines += [f"**Missing stages:** {', '.join(missing)}: their sections below say so.", ""]
+
+    # -- data
+    lines += ["## Preference data", ""]
+    if m["data"]:
+        d = m["data"]
+        keys = [k for k in ("teacher", "teacher_model", "rows", "skipped", "seconds") if k in d]
+        lines += [f"- {k}: {_fmt(d[k]) if not isinstance(d[k], dict) else json.dumps(d[k])}" for k in keys] or \
+                 ["- see `data/metrics.json`"]
+    else:
+        lines.append("Missing: `data/metrics.json` not found.")
+    lines.append("")
+
+    # -- SFT
+    lines += ["## SFT", ""]
+    if m["sft"]:
+        s = m["sft"]
+        lines += [f"Train loss {_fmt(s.get('train_loss'))} over {_fmt(s.get('steps'))} steps; on held-out chips "
+                  f"greedy agreement {_fmt(s.get('agreement_greedy'))}, "
+                  f"JSON validity {_fmt(s.get('json_valid_greedy'))}."]
+    elif stages.get("sft", {}).get("status") == "disabled":
+        lines.append("Disabled in the config: PPO started from the base model.")
+    else:
+        lines.append("Missing: `sft/metrics.json` not found.")
+    lines.append("")
+
+    # -- reward model
+    lines += ["## Reward model", ""]
+    if m["reward"]:
+        r = m["reward"]
+        by = r.get("accuracy_by_strategy") or {}
+        groups = {"overall": {"accuracy": r.get("eval_accuracy") or 0.0}, **{k: {"accuracy": v} for k, v in by.items()}}
+        png = _bars(groups, plots / "reward_accuracy.png", "reward model: held-out pair accuracy", "accuracy")
+        lines += [f"Held-out pair accuracy {_fmt(r.get('eval_accuracy'))} on {_fmt(r.get('eval_pairs'))} pairs "
+                  f"(mean margin {_fmt(r.get('eval_margin'))}).", "", "| rejection strategy | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in by.items()]
+        lines += ["", f"![reward accuracy]({_rel(png, root)})"]
+    else:
+        lines.append("Missing: `reward/metrics.json` not found.")
+    lines.append("")
+
+    # -- PPO
+    lines += ["## PPO", ""]
+    log = root / "ppo" / "metrics.jsonl"
+    rows = read_jsonl(log, tolerate_torn_tail=True) if log.is_file() else []
+    if m["ppo"]:
+        p = m["ppo"]
+        lines += ["| | before | after |", "|---|---|---|",
+                  f"| greedy agreement | {_fmt(p.get('agreement_before'))} | {_fmt(p.get('agreement_after'))} |",
+                  f"| sampled agreement | {_fmt(p.get('agreement_sampled_before'))} | "
+                  f"{_fmt(p.get('agreement_sampled_after'))} |",
+                  f"| JSON validity | {_fmt(p.get('json_valid_before'))} | {_fmt(p.get('json_valid_after'))} |",
+                  f"| mean reward (sampled) | {_fmt(p.get('reward_before'))} | {_fmt(p.get('reward_after'))} |", "",
+                  f"{_fmt(p.get('updates'))} updates, {_fmt(p.get('episodes'))} episodes; "
+                  f"final KL {_fmt(p.get('kl_final'))}, "
+                  f"final score {_fmt(p.get('score_final'))}, {_fmt(p.get('episodes_per_second'), 1)} episodes/s.", ""]
+    else:
+        lines += ["Missing: `ppo/metrics.json` not found.", ""]
+    if rows:
+        from rlhf.plots import plot_curves
+
+        png = plot_curves(rows, ["score_mean", "kl", "entropy", "vf_loss"], plots / "ppo_curves.png",
+                          title="PPO over updates")
+        lines += [f"![PPO curves]({_rel(png, root)})", ""]
+    elif m["ppo"]:
+        lines += ["No `ppo/metrics.jsonl`: no curves.", ""]
+
+    # -- held-out evaluation
+    lines += ["## Held-out evaluation", ""]
+    models = (m["eval"] or {}).get("models") or {}
+    if models:
+        from rlhf.evaluate import COLUMNS
+
+        lines += [f"{_fmt(m['eval'].get('n'))} held-out chips; sampled at T={_fmt(m['eval'].get('temperature'), 2)}; "
+                  "reward standardised as in PPO; KL to the reference (the PPO start) summed over answer tokens.", "",
+                  "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
+                  "|---|" + "---|" * len(COLUMNS)]
+        lines += [f"| {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |" for name, r in models.items()]
+        groups = {name: {"agreement (greedy)": r.get("agreement_greedy"),
+                         "agreement (sampled)": r.get("agreement_sampled"),
+                         "JSON valid (greedy)": r.get("json_valid_greedy")} for name, r in models.items()}
+        png = _bars(groups, plots / "agreement.png", "held-out chips: agreement with the rule teacher", "share")
+        lines += ["", f"![agreement and JSON validity]({_rel(png, root)})", ""]
+    elif m["ppo"]:
+        p = m["ppo"]
+        groups = {"before PPO": {"agreement": p.get("agreement_before"), "JSON valid": p.get("json_valid_before")},
+                  "after PPO": {"agreement": p.get("agreement_after"), "JSON valid": p.get("json_valid_after")}}
+        png = _bars(groups, plots / "agreement.png", "held-out chips (PPO's own evaluation)", "share")
+        lines += ["Missing: `eval/metrics.json` not found; the chart shows PPO's own before/after evaluation.", "",
+                  f"![agreement]({_rel(png, root)})", ""]
+    else:
+        lines += ["Missing: neither `eval/metrics.json` nor `ppo/metrics.json` found.", ""]
+
+    # -- samples
+    lines += ["## Sample answers before and after PPO", ""]
+    before_name = next((k for k in ("sft", "base") if k in models), None)
+    pairs: list[tuple[str, str, str]] = []
+    if before_name and "ppo" in models:
+        for b, a in zip(models[before_name].get("samples", []), models["ppo"].get("samples", [])):
+            pairs.append((b["prompt"], b["response"], a["response"]))
+        label = f"before = `{before_name}`, after = `ppo`, greedy, from eval"
+    elif m["ppo"]:
+        for b, a in zip(m["ppo"].get("samples_before", []), m["ppo"].get("samples_after", [])):
+            pairs.append((b["prompt"], b["response"], a["response"]))
+        label = "greedy, from PPO's own evaluation"
+    if pairs:
+        lines += [f"({label})", ""]
+        for prompt, b, a in pairs:
+            lines += [f"**Prompt:** {prompt}", "", f"- before: `{b}`", f"- after: `{a}`", ""]
+    else:
+        lines += ["Missing: no sample answers recorded.", ""]
+
+    # -- export
+    lines += ["## Export", ""]
+    if m["export"]:
+        e = m["export"]
+        lines += [f"GGUF `{e.get('gguf')}` ({_fmt(e.get('outtype'))}, {_fmt(e.get('gguf_bytes'))} bytes), "
+                  f"Modelfile `{e.get('modelfile')}`; pushed to Ollama: {_fmt(e.get('pushed'))}.", "",
+                  f"Bring it into Ollama: `ollama create {e.get('name')} -f {e.get('modelfile')}` then "
+                  f"`ollama run {e.get('name')}`."]
+    elif stages.get("export", {}).get("status") == "disabled":
+        lines.append("Disabled in the config.")
+    else:
+        lines.append("Missing: `export/metrics.json` not found.")
+    lines.append("")
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
