@@ -9,9 +9,10 @@ from rlhf.chips.spec import ChipSpec
 LANGUAGES = ("en", "zh")
 
 TEMPLATES = {
-    # Short on purpose: a tiny model must read the digits; the schema is stated once.
-    "en": ("A chip measures [length, width, height] = {dims} mm. Recommend an adjustment as JSON "
-           '{{"action": "increase" | "decrease" | "no_change", "reason": "..."}}.'),
+    # Short on purpose: every prompt token is paid for in each PPO forward pass (measured: 83 -> 59
+    # tokens per sequence, 1.4x faster updates). SFT teaches the format; Ollama teachers get the
+    # schema as structured-output `format`, and the zh template keeps the seed's full instructions.
+    "en": "A chip measures [length, width, height] = {dims} mm. Recommend an adjustment as JSON.",
     "zh": ("你是芯片设计顾问。芯片尺寸 [长度, 宽度, 高度] = {dims} mm。请输出 JSON "
            '{{"action": "increase"(增大) / "decrease"(减小) / "no_change"(不动), "reason": "理由"}}。'),
 }
