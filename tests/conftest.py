@@ -71,3 +71,12 @@ def make_ollama_server() -> Iterator:
 def _no_ambient_ollama(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never pick up an OLLAMA_HOST from the shell: every Ollama they talk to is a loopback one."""
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
+
+
+# -- a tiny model stack (base, data, SFT, reward) ----------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Paths of a tiny Qwen2 base, rule-teacher data, an SFT model and a reward model (built once)."""
+    from stack import build_stack
+
+    return build_stack(tmp_path_factory.mktemp("stack"))

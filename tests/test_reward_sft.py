@@ -1,0 +1,98 @@
+"""SFT and the Bradley-Terry reward model: the loss by hand, stage outputs, probing, bad data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.config import build
+from rlhf.errors import UserError
+from rlhf.reward import NORMALIZATION_FILE, RewardConfig, ScoreConfig, bradley_terry_loss, run, run_score
+
+
+def test_bradley_terry_loss_by_hand() -> None:
+    rc, rr = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    expected = (-math.log(1 / (1 + math.exp(-1))) + math.log(2)) / 2
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(expected)
+    # margin 0.5: differences become [0.5, -0.5]; -log sigmoid(x) = log(1 + e^-x)
+    with_margin = (math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(0.5))) / 2
+    assert bradley_terry_loss(rc, rr, margin=0.5).item() == pytest.approx(with_margin)
+    # centering adds c * mean((rc + rr)^2) = 0.1 * (1 + 0) / 2
+    assert bradley_terry_loss(rc, rr, center_coef=0.1).item() == pytest.approx(expected + 0.05)
+
+
+def test_sft_stage_outputs(tiny_stack: dict[str, str]) -> None:
+    sft = Path(tiny_stack["sft"])
+    m = json.loads((sft / "metrics.json").read_text())
+    assert m["steps"] == 20 and m["world_size"] == 1
+    assert 0.0 <= m["agreement_greedy"] <= 1.0 and "json_valid_greedy" in m
+    assert (sft / "model.safetensors").is_file() and (sft / "tokenizer.json").is_file()
+
+
+def test_reward_stage_metrics_and_normalization(tiny_stack: dict[str, str]) -> None:
+    out = Path(tiny_stack["reward"])
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("eval_accuracy", "eval_margin", "reward_chosen_mean", "reward_rejected_std", "accuracy_by_strategy"):
+        assert key in m
+    assert set(m["accuracy_by_strategy"]) <= {"wrong_action", "mismatched_reason", "corrupted_reason",
+                                              "malformed_json", "missing_action", "off_topic"}
+    assert m["eval_pairs"] == 12  # 10% of 120
+    norm = json.loads((out / NORMALIZATION_FILE).read_text())
+    assert norm["std"] > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and len(cfg["id2label"]) == 1
+
+
+def test_score_prints_rewards_for_a_pair_and_a_file(tiny_stack: dict[str, str], tmp_path: Path, capsys) -> None:
+    m = run_score(build(ScoreConfig, {"model": tiny_stack["reward"], "prompt": "A chip measures [1, 2, 3] mm.",
+                                      "response": '{"action": "increase", "reason": "x"}'}, "t"))
+    assert m["n"] == 1 and math.isfinite(m["scores"][0])
+    assert f"{m['scores'][0]:+.4f}" in capsys.readouterr().out
+    m2 = run_score(build(ScoreConfig, {"model": tiny_stack["reward"],
+                                       "file": str(Path(tiny_stack["data"]) / "test.jsonl"),
+                                       "output_dir": str(tmp_path)}, "t"))
+    assert m2["n"] == 24  # chosen and rejected of 12 rows
+    assert (tmp_path / "metrics.json").is_file()
+    with pytest.raises(UserError, match="--prompt TEXT --response TEXT"):
+        run_score(build(ScoreConfig, {"model": tiny_stack["reward"]}, "t"))
+
+
+def _bad_data(tmp_path: Path, rows: list[dict]) -> Path:
+    folder = tmp_path / "bad"
+    folder.mkdir(exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text(text)
+    return folder
+
+
+GOOD = {"prompt": [{"role": "user", "content": "A chip measures [1, 2, 3] mm."}],
+        "chosen": [{"role": "assistant", "content": '{"action": "increase", "reason": "r"}'}],
+        "rejected": [{"role": "assistant", "content": "nope"}]}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({k: v for k, v in GOOD.items() if k != "rejected"}, r"row 2: missing column 'rejected'"),
+    ({**GOOD, "chosen": []}, r"row 2: column 'chosen' must be a non-empty list"),
+    ({**GOOD, "chosen": [{"role": "assistant", "content": 7}]}, r"row 2: chosen\[0\].content must be a non-empty"),
+    ({**GOOD, "prompt": [{"role": "user", "content": "word " * 400}]}, r"row 2: the prompt is \d+ tokens, longer"),
+])
+def test_bad_reward_data_names_file_and_row(tiny_stack: dict[str, str], tmp_path: Path, row: dict,
+                                            message: str) -> None:
+    data = _bad_data(tmp_path, [GOOD, row])
+    cfg = build(RewardConfig, {"model": tiny_stack["sft"], "data": str(data), "output_dir": str(tmp_path / "o"),
+                               "use_lora": False, "max_steps": 1, "max_length": 128}, "t")
+    with pytest.raises(UserError, match=message) as err:
+        run(cfg)
+    assert "train.jsonl" in str(err.value)
+
+
+def test_missing_data_folder_is_one_clear_error(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    cfg = build(RewardConfig, {"model": tiny_stack["sft"], "data": str(tmp_path / "nothing"),
+                               "output_dir": str(tmp_path / "o")}, "t")
+    with pytest.raises(UserError, match="data file not found"):
+        run(cfg)
