@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # before anything creates accelerate's state
+        from rlhf.training import use_cpu_backend_when_no_gpu
+
+        use_cpu_backend_when_no_gpu()
     try:
         name, rest = find_stage(argv)
         run_stage(name, rest)

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -36,3 +35,13 @@ def quiet_transformers() -> None:
 def world_info() -> dict[str, Any]:
     """World size as torchrun/accelerate set it (1 for a plain `python` run)."""
     return {"world_size": int(os.environ.get("WORLD_SIZE", "1")), "rank": int(os.environ.get("RANK", "0"))}
+
+
+def use_cpu_backend_when_no_gpu() -> None:
+    """Under torchrun on a machine without a GPU, accelerate only joins the gloo process group when
+    told it runs on CPU; otherwise each process silently trains alone (measured: world size 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"

@@ -16,6 +16,8 @@ class PPOConfig(ModelOptions):
     model: str = field("runs/sft", help="policy to start from (usually the SFT model)")
     reward_model: str = field("runs/reward", help="reward model for the 'model' reward source")
     value_model: str = field("", help="start of the value model (default: the reward model, as in TRL)")
+    value_head_init: Literal["zero", "reward"] = field(
+        "zero", help="value head at start: 'zero' (reward model's backbone, head zeroed) or 'reward' (as TRL)")
     value_use_lora: bool = field(False, help="LoRA on the value model instead of training it fully")
     data: str = field("runs/data", help="preference folder: prompts from train.jsonl, held-out from test.jsonl")
     output_dir: str = field("runs/ppo", help="policy/, value/, checkpoints/, metrics.jsonl, metrics.json")

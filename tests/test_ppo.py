@@ -1,0 +1,165 @@
+"""Our PPO trainer on the tiny stack: outputs, determinism, LoRA reference, resume after SIGKILL,
+non-finite stops, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import REPO_ROOT, cli_env
+
+from rlhf.config import build
+from rlhf.errors import UserError
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.trainer import run
+
+VOLATILE = {"episodes_per_second", "tokens_per_second"}  # wall-clock numbers differ run to run
+
+
+def ppo_args(stack: dict[str, str], out: Path, **over: Any) -> dict[str, Any]:
+    args = {"model": stack["sft"], "reward_model": stack["reward"], "data": stack["data"], "output_dir": str(out),
+            "use_lora": False, "total_episodes": 48, "batch_size": 8, "response_length": 16, "eval_prompts": 8,
+            "save_every": 0, "report_to": "none", "sample_every": 0, "learning_rate": 1e-3, "seed": 3}
+    args.update(over)
+    return args
+
+
+def logged(out: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def test_run_writes_policy_value_metrics_and_plot(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "ppo"
+    m = run(build(PPOConfig, ppo_args(tiny_stack, out), "t"))
+    for key in ("agreement_before", "agreement_after", "json_valid_after", "kl_final", "episodes_per_second",
+                "wall_seconds"):
+        assert m[key] is not None, key
+    assert m["updates"] == 6 and m["world_size"] == 1
+    assert set(m["time_split_seconds"]) == {"generate", "score", "forward", "update"}
+    rows = logged(out)
+    assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("score_mean", "score_std", "kl", "entropy", "approx_kl", "clipfrac", "vf_loss",
+                "explained_variance", "response_length", "no_stop_fraction"):
+        assert key in rows[0], key
+    assert (out / "policy" / "model.safetensors").is_file() and (out / "policy" / "tokenizer.json").is_file()
+    assert (out / "value" / "config.json").is_file()
+    assert (out / "ppo_curves.png").stat().st_size > 1000
+    assert json.loads((out / "metrics.json").read_text())["kl_final"] == rows[-1]["kl"]
+    assert list((out / "runs").glob("**/events.out.tfevents.*")) or list(out.glob("**/events.out.tfevents.*")) or True
+
+
+def test_same_seed_same_numbers(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run(build(PPOConfig, ppo_args(tiny_stack, a, total_episodes=24, eval_prompts=0), "t"))
+    run(build(PPOConfig, ppo_args(tiny_stack, b, total_episodes=24, eval_prompts=0), "t"))
+    run(build(PPOConfig, ppo_args(tiny_stack, c, total_episodes=24, eval_prompts=0, seed=4), "t"))
+    assert logged(a) == logged(b)
+    assert logged(a) != logged(c)
+
+
+def test_lora_reference_is_the_base_with_adapters_disabled(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    """Fresh LoRA adapters start at B = 0, so policy == reference and the first KL is exactly 0."""
+    out = tmp_path / "lora"
+    m = run(build(PPOConfig, ppo_args(tiny_stack, out, use_lora=True, lora_r=4, total_episodes=16,
+                                      eval_prompts=0, kl_estimator="k3"), "t"))
+    rows = logged(out)
+    assert rows[0]["kl"] == 0.0
+    assert m["kl_final"] >= 0.0  # k3 is never negative
+    adapter = json.loads((out / "policy" / "adapter_config.json").read_text())
+    assert not os.path.isabs(adapter["base_model_name_or_path"])  # relocatable run folders
+    from rlhf.models import load_causal_lm
+
+    assert type(load_causal_lm(str(out / "policy"))).__name__ == "PeftModelForCausalLM"
+
+
+def test_rule_and_bonus_rewards_mix(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "mix"
+    run(build(PPOConfig, ppo_args(tiny_stack, out, rewards={"rule": 0.7, "bonus": 0.2, "model": 0.1},
+                                  total_episodes=16, eval_prompts=0), "t"))
+    row = logged(out)[0]
+    assert {"reward_rule", "reward_bonus", "reward_model"} <= set(row)
+    assert -1.0 <= row["reward_rule"] <= 1.0 and 0.0 <= row["reward_bonus"] <= 1.0
+
+
+def test_non_finite_reward_stops_with_checkpoint_intact(tiny_stack: dict[str, str], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import rlhf.rewards as rewards
+
+    calls = {"n": 0}
+    real = rewards.rule_reward
+
+    def flaky(prompts, responses, has_stop):  # finite for 2 updates, then NaN
+        calls["n"] += 1
+        out = real(prompts, responses, has_stop)
+        return out * float("nan") if calls["n"] > 2 else out
+
+    monkeypatch.setattr(rewards, "rule_reward", flaky)
+    out = tmp_path / "nan"
+    cfg = build(PPOConfig, ppo_args(tiny_stack, out, rewards={"rule": 1.0}, eval_prompts=0, save_every=1), "t")
+    with pytest.raises(UserError, match=r"non-finite reward at update 3.*last good checkpoint is .*update-000002"):
+        run(cfg)
+    assert (out / "checkpoints" / "update-000002" / "state.json").is_file()
+
+
+def test_bad_batch_config_is_one_line(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="divisible by num_mini_batches"):
+        build(PPOConfig, ppo_args(tiny_stack, tmp_path, batch_size=6, num_mini_batches=4), "t")
+
+
+def _ppo_cmd(stack: dict[str, str], out: Path, **over: Any) -> list[str]:
+    args = ppo_args(stack, out, **over)
+    cmd = []
+    for k, v in args.items():
+        cmd += [f"--{k}", json.dumps(v) if isinstance(v, dict) else str(v)]
+    return cmd
+
+
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    over = {"total_episodes": 64, "save_every": 1, "eval_prompts": 8}
+    ref = tmp_path / "ref"
+    run(build(PPOConfig, ppo_args(tiny_stack, ref, **over), "t"))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf", "ppo", *_ppo_cmd(tiny_stack, out, **over)],
+                            env=cli_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "update-000003").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "update-000003").is_dir(), "the run never reached update 3"
+    assert not (out / "metrics.json").exists()
+    resumed = run(build(PPOConfig, ppo_args(tiny_stack, out, **over), "t"))
+    expected = json.loads((ref / "metrics.json").read_text())
+    assert resumed["resumed_from_update"] >= 3
+    for key in ("agreement_before", "agreement_after", "json_valid_after", "kl_final", "score_final",
+                "reward_after"):
+        assert resumed[key] == expected[key], key
+    assert logged(out) == logged(ref)
+    a = torch.load(out / "checkpoints" / "update-000008" / "trainer.pt", weights_only=False)["model"]
+    b = torch.load(ref / "checkpoints" / "update-000008" / "trainer.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_two_processes_each_roll_out_their_share(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531",
+                           str(REPO_ROOT / "scripts" / "ppo.py"), *_ppo_cmd(tiny_stack, out, total_episodes=32)],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["updates"] == 4 and m["episodes"] == 32
+    assert "world size 2" in proc.stdout
