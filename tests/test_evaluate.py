@@ -61,7 +61,8 @@ def always(action: str):
 def test_local_and_ollama_models_side_by_side(assets, tmp_path, capsys):
     sources = {"teacher": rule_source, "stubborn": always("increase"), "chatty": lambda m, f, o: "Nice chip!"}
     with LoopbackOllama(sources=sources) as server:
-        rc = main(["eval", "--models", f"a={assets['a']},b={assets['b']},c={assets['c']},a2={assets['a']}", "--data", assets["data"],
+        models = f"a={assets['a']},b={assets['b']},c={assets['c']},a2={assets['a']}"
+        rc = main(["eval", "--models", models, "--data", assets["data"],
                    "--n", str(N), "--reference", assets["a"], "--reward_model", assets["rm"],
                    "--ollama_models", "teacher,stubborn,chatty", "--ollama_host", server.url,
                    "--max_new_tokens", "16", "--output_dir", str(tmp_path)])
