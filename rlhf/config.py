@@ -140,7 +140,8 @@ def build(cls: type[T], values: dict[str, Any], where: str) -> T:
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise UserError(f"{where}: missing required key '{missing[0]}' (set it in the YAML or pass --{missing[0]} VALUE)")
+        key = missing[0]
+        raise UserError(f"{where}: missing required key '{key}' (set it in the YAML or pass --{key} VALUE)")
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
     if callable(check):

@@ -52,8 +52,8 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
     kwargs: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:
         kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
-    out = model.generate(input_ids=query.to(device), attention_mask=query_mask.to(device), max_new_tokens=max_new_tokens,
-                         eos_token_id=stops, pad_token_id=tok.pad_token_id, **kwargs)
+    out = model.generate(input_ids=query.to(device), attention_mask=query_mask.to(device),
+                         max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tok.pad_token_id, **kwargs)
     response = out[:, query.shape[1]:].cpu()
     if response.shape[1] < max_new_tokens:  # all rows stopped early: pad to a fixed width
         pad = torch.full((response.shape[0], max_new_tokens - response.shape[1]), tok.pad_token_id, dtype=torch.long)

@@ -22,7 +22,7 @@ from rlhf.training import quiet_transformers, seed_everything, world_info
 @dataclass
 class SFTStageConfig(ModelOptions):
     model: str = field("runs/tiny-model", help="base model: folder, .gguf, short name or Hub id")
-    data: str = field("runs/data", help="folder from `rlhf data preference` (uses sft.jsonl and test.jsonl) or a .jsonl")
+    data: str = field("runs/data", help="folder from `rlhf data preference` (sft.jsonl, test.jsonl) or a .jsonl")
     output_dir: str = field("runs/sft", help="where the SFT model and metrics.json go")
     seed: int = field(0, help="seed for weights init order, shuffling and evaluation sampling")
     num_train_epochs: float = field(3.0, help="passes over the SFT split")
@@ -73,8 +73,9 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
             metrics.update(_evaluate(trainer.model, tok, cfg))
         metrics["wall_seconds"] = round(time.time() - start, 2)
         write_metrics(out, metrics)
-        print(f"SFT done: loss {metrics['train_loss']:.3f}, agreement {metrics.get('agreement_greedy', float('nan')):.3f}, "
-              f"json {metrics.get('json_valid_greedy', float('nan')):.3f} -> {out}")
+        nan = float("nan")
+        print(f"SFT done: loss {metrics['train_loss']:.3f}, agreement {metrics.get('agreement_greedy', nan):.3f}, "
+              f"json {metrics.get('json_valid_greedy', nan):.3f} -> {out}")
     return metrics
 
 
