@@ -97,6 +97,23 @@ def evaluate_pairs(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size:
     }
 
 
+def action_ranking_accuracy(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: int = 64) -> float | None:
+    """Share of held-out chips where the reward model scores the teacher's action above both other
+    actions (each written with its own rule reason): the best agreement PPO can reach by
+    maximising this reward model."""
+    from rlhf.chips import ACTIONS, format_advice, rule_reason
+
+    rows = [r for r in rows if r.get("teacher_action") in ACTIONS]
+    if not rows:
+        return None
+    lang = ["zh" if any("\u4e00" <= ch <= "\u9fff" for ch in r["prompt"][-1]["content"]) else "en" for r in rows]
+    scores = torch.tensor([score_texts(model, tok, [r["prompt"] + [{"role": "assistant", "content":
+                                                                    format_advice(a, rule_reason(a, g))}]
+                                                    for r, g in zip(rows, lang)], batch_size) for a in ACTIONS]).T
+    truth = torch.tensor([ACTIONS.index(r["teacher_action"]) for r in rows])
+    return float((scores.argmax(1) == truth).float().mean())
+
+
 def run(cfg: RewardConfig) -> dict[str, Any]:
     quiet_transformers()
     seed_everything(cfg.seed)
@@ -139,6 +156,8 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
         tok.padding_side = "left"
         tok.save_pretrained(out)
         metrics.update(evaluate_pairs(trainer.model, tok, test_rows, cfg.eval_batch_size))
+        metrics["eval_action_ranking_accuracy"] = action_ranking_accuracy(trainer.model, tok, test_rows,
+                                                                          cfg.eval_batch_size)
         # Scale of the rewards on held-out answers (chosen and rejected pooled): PPO divides by it so
         # that its KL coefficient means the same whatever scale Bradley-Terry happened to learn.
         pooled_mean = (metrics["reward_chosen_mean"] + metrics["reward_rejected_mean"]) / 2
@@ -148,7 +167,8 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
         metrics["wall_seconds"] = round(time.time() - start, 2)
         write_metrics(out, metrics)
         print(f"reward model: held-out pair accuracy {metrics['eval_accuracy']:.3f} "
-              f"(margin {metrics['eval_margin']:.2f}) on {len(test_rows)} pairs, world size "
+              f"(margin {metrics['eval_margin']:.2f}) on {len(test_rows)} pairs, ranks the teacher's action "
+              f"first on {metrics['eval_action_ranking_accuracy']} of chips, world size "
               f"{metrics['world_size']}, {metrics['wall_seconds']:.0f} s -> {out}")
     return metrics
 

@@ -62,8 +62,12 @@ from rlhf.io import atomic_write_json, read_json, write_metrics
 
 SPLITS = ("train", "test", "sft")
 STRATEGIES = ("wrong_action", "mismatched_reason", "corrupted_reason", "malformed_json", "missing_action", "off_topic")
-DEFAULT_WEIGHTS = {"wrong_action": 0.35, "mismatched_reason": 0.15, "corrupted_reason": 0.15,
-                   "malformed_json": 0.15, "missing_action": 0.1, "off_topic": 0.1}
+# Half the pairs teach the rule itself (wrong_action): format errors are easy to learn from few
+# pairs, the rule is not. Measured on the tiny model, 1000 rows, 8 reward epochs: with
+# 0.35/0.15/0.15/0.15/0.1/0.1 the reward model ranked the teacher's action first on 80% of held-out
+# chips and PPO learned to game it (always no_change); with these weights 95% (pair accuracy 0.99).
+DEFAULT_WEIGHTS = {"wrong_action": 0.5, "mismatched_reason": 0.2, "corrupted_reason": 0.1,
+                   "malformed_json": 0.1, "missing_action": 0.05, "off_topic": 0.05}
 FORMAT_VERSION = 1
 # Keys that shape the rows: a restart must use the same ones. The rest (hosts, concurrency...) may change.
 SEMANTIC_KEYS = ("teacher", "variant", "n", "seed", "language", "test_fraction", "sft_n", "sft_label_noise",
