@@ -71,6 +71,8 @@ class PipelineConfig:
     language: str = field("en", help="prompt language of the data: en or zh")
     dtype: str | None = field(None, help="dtype of the SFT, reward, PPO and eval models (null: each stage's default)")
     ollama_host: str | None = field(None, help="Ollama host(s) for the stages that talk to Ollama (null: $OLLAMA_HOST)")
+    threads: int = field(0, help="torch CPU threads for every stage (0: torch's default). Models under a few "
+                                 "million parameters run fastest on 1 (measured: PPO update 0.91 s vs 1.88 s on 2)")
     from_: str | None = field(None, help="rerun from this stage on: " + ", ".join(STAGES))
     report: bool = field(True, help="write report.md at the end")
     tiny_model: dict = field({}, help="`rlhf tiny-model` keys (used when base_model is 'tiny')")
@@ -214,6 +216,10 @@ def _banner(text: str) -> None:
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     stages = plan(cfg)
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
@@ -276,6 +282,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         from rlhf.report import write_report
 
         out["report"] = str(write_report(root))
+    from rlhf.io import write_metrics
+
+    write_metrics(root, {**out, "stage_seconds": {k: v.get("seconds") for k, v in record["stages"].items()}})
     print(f"\npipeline {cfg.name}: {record['seconds_this_run']:.1f} s this run "
           f"({record['stage_seconds_total']:.1f} s of stage time in all)")
     if "report" in out:
