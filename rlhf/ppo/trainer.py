@@ -127,7 +127,9 @@ class PPOTrainer:
         self._load_data()
         self._load_models()
         self.num_updates = cfg.total_episodes // cfg.batch_size
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self._policy_params = [p for p in self.model.policy.parameters() if p.requires_grad]
+        self._value_params = [p for p in self.model.value.parameters() if p.requires_grad]
+        params = self._policy_params + self._value_params
         # eps as in transformers/TRL (1e-8): per-token-mean losses give tiny gradients, and the larger
         # eps common in RL code (1e-5) silently shrinks the steps (measured: no learning in 6k episodes)
         # fused: one kernel for all tensors instead of a Python loop over them (measured on CPU: an
@@ -263,7 +265,8 @@ class PPOTrainer:
         mb = n // cfg.num_mini_batches
         micro = mb // cfg.gradient_accumulation_steps
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + update)  # minibatch order: resumable
-        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")}
+        stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac",
+                                                         "grad_norm_policy", "grad_norm_value")}
         for _epoch in range(cfg.num_ppo_epochs):
             perm = torch.randperm(n, generator=gen)
             stop_epoch = False
@@ -286,7 +289,10 @@ class PPOTrainer:
                     for key, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pst["clipfrac"]),
                                      ("approx_kl", pst["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
                         stats[key].append(float(val.detach()))
-                self.acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                # Clip policy and value separately: one joint norm lets a large value gradient (early,
+                # while values are far off) shrink the policy's step as well.
+                for key, group in (("grad_norm_policy", self._policy_params), ("grad_norm_value", self._value_params)):
+                    stats[key].append(float(self.acc.clip_grad_norm_(group, cfg.max_grad_norm)))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if cfg.early_stop_kl > 0:
