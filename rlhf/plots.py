@@ -28,6 +28,13 @@ def plot_curves(rows: list[dict[str, Any]], keys: list[str], path: str | Path, *
         ax.axis("off")
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a figure as PNG atomically (a reader never sees half an image) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

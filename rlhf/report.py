@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.io import atomic_write_text, read_json, read_jsonl
+from rlhf.plots import save_figure
 
 ORDER = ("base", "data", "sft", "reward", "ppo", "eval", "export")
 
@@ -57,13 +58,7 @@ def _bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabel: s
     if len(series) > 1:
         ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def _rel(path: Path, root: Path) -> str:

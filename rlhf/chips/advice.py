@@ -52,16 +52,27 @@ def format_advice(action: str, reason: str) -> str:
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
 
 
-def _first_json_object(text: str) -> Any:
+def extract_json_object(text: str) -> dict | None:
+    """The JSON object in a model's reply: the whole text, a ```json fence, or the first {...}."""
+    raw = text.strip()
+    try:
+        obj = json.loads(raw)
+        if isinstance(obj, dict):
+            return obj
+    except json.JSONDecodeError:
+        pass
+    fenced = _FENCE.search(raw)
+    if fenced:
+        raw = fenced.group(1)
     decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", text):
+    for m in re.finditer(r"\{", raw):
         try:
-            obj, _ = decoder.raw_decode(text, m.start())
+            obj, _ = decoder.raw_decode(raw, m.start())
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict):
             return obj
-    raise AdviceParseError("not_json", text[:80])
+    return None
 
 
 def parse_advice(text: str, *, strict: bool = False) -> Advice:
@@ -81,8 +92,9 @@ def parse_advice(text: str, *, strict: bool = False) -> Advice:
         if not isinstance(obj, dict):
             raise AdviceParseError("not_object", raw[:80])
     else:
-        fenced = _FENCE.search(raw)
-        obj = _first_json_object(fenced.group(1) if fenced else raw)
+        obj = extract_json_object(raw)
+        if obj is None:
+            raise AdviceParseError("not_json", raw[:80])
     action = obj.get("action")
     if not isinstance(action, str):
         raise AdviceParseError("missing_action", raw[:80])

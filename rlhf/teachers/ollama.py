@@ -22,7 +22,6 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import threading
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.chips.advice import extract_json_object
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json
 
@@ -67,29 +67,6 @@ def parse_hosts(hosts: str | list[str] | None) -> list[str]:
     if not out:
         raise UserError("no Ollama host given: pass --ollama_host http://HOST:11434 or set OLLAMA_HOST")
     return out
-
-
-def extract_json_object(text: str) -> dict | None:
-    """The JSON object in a model's reply: the whole text, a ```json fence, or the first {...}."""
-    raw = text.strip()
-    try:
-        obj = json.loads(raw)
-        if isinstance(obj, dict):
-            return obj
-    except json.JSONDecodeError:
-        pass
-    fence = re.search(r"```(?:json)?\s*(.*?)```", raw, re.S | re.I)
-    if fence:
-        raw = fence.group(1)
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", raw):
-        try:
-            obj, _ = decoder.raw_decode(raw, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
 
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
