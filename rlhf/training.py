@@ -19,8 +19,14 @@ def seed_everything(seed: int) -> None:
 def quiet_transformers() -> None:
     """Keep the terminal readable: our own progress bars, not one per weight file."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
     import transformers
 
+    # Deprecation notices of our dependencies, not actionable by a user of rlhf.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\b")
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
