@@ -405,6 +405,9 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
                "failures": manifest["failures"], "requests": manifest["requests"],
                "cache_hits": manifest["cache_hits"], "resumed_rows": resumed, "seconds": manifest["seconds"]}
     write_metrics(out, metrics)
+    rows = ", ".join(f"{s} {manifest['splits'][s]}" for s in SPLITS)
+    print(f"preference data ({manifest['teacher_model']}): {rows} rows, {metrics['skipped']} chips skipped, "
+          f"{manifest['seconds']:.1f} s -> {out}")
     return metrics
 
 
