@@ -96,3 +96,26 @@ def test_missing_data_folder_is_one_clear_error(tiny_stack: dict[str, str], tmp_
                                "output_dir": str(tmp_path / "o")}, "t")
     with pytest.raises(UserError, match="data file not found"):
         run(cfg)
+
+
+def test_reward_trains_in_two_cpu_processes(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    """torchrun --nproc_per_node 2 gives two gloo processes: half the per-process batch keeps the
+    global batch of one process (16 = 8 x 2), and the run reports world size 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, cli_env
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = tmp_path / "rm2"
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29571",
+                           str(REPO_ROOT / "scripts" / "reward.py"), "--model", tiny_stack["sft"],
+                           "--data", tiny_stack["data"], "--output_dir", str(out), "--use_lora", "false",
+                           "--max_steps", "3", "--per_device_train_batch_size", "8"],
+                          env={**cli_env(), "OMP_NUM_THREADS": "1"}, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["global_batch"] == 16 and m["steps"] == 3
+    assert "world size 2" in proc.stdout
