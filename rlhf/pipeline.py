@@ -71,8 +71,8 @@ class PipelineConfig:
     language: str = field("en", help="prompt language of the data: en or zh")
     dtype: str | None = field(None, help="dtype of the SFT, reward, PPO and eval models (null: each stage's default)")
     ollama_host: str | None = field(None, help="Ollama host(s) for the stages that talk to Ollama (null: $OLLAMA_HOST)")
-    threads: int = field(0, help="torch CPU threads for every stage (0: torch's default). Models under a few "
-                                 "million parameters run fastest on 1 (measured: PPO update 0.91 s vs 1.88 s on 2)")
+    threads: int = field(0, help="torch CPU threads for every stage (0: torch's default, all cores). On a quiet "
+                                 "machine all cores are fastest; when another job shares them, 1 thread is")
     from_: str | None = field(None, help="rerun from this stage on: " + ", ".join(STAGES))
     report: bool = field(True, help="write report.md at the end")
     tiny_model: dict = field({}, help="`rlhf tiny-model` keys (used when base_model is 'tiny')")
