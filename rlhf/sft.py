@@ -62,8 +62,11 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
     result = trainer.train()
     train_seconds = time.time() - start
+    world = world_info()
     metrics: dict[str, Any] = {"train_loss": result.training_loss, "train_rows": len(rows), "steps": result.global_step,
-                               "train_seconds": round(train_seconds, 2), **world_info()}
+                               "train_seconds": round(train_seconds, 2), **world,
+                               "global_batch": cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+                               * world["world_size"]}
     if trainer.accelerator.is_main_process:
         out = Path(cfg.output_dir)
         trainer.save_model(str(out))  # full weights, or the LoRA adapter (its base path is recorded)
