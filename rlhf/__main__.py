@@ -1,5 +1,5 @@
 import sys
 
-from rlhf.cli import main
+from rlhf.cli import entry_point
 
-sys.exit(main())
+sys.exit(entry_point())

@@ -99,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry_point(argv: list[str] | None = None) -> int:
+    """`rlhf --help | head` must not end in a BrokenPipeError traceback."""
+    try:
+        return main(argv)
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+
+
 def script_main(stage: str) -> None:
     """Entry point for scripts/<stage>.py (run by python, torchrun or accelerate launch)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,4 +115,4 @@ def script_main(stage: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry_point())
