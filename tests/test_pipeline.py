@@ -3,7 +3,6 @@ reruns after a config change or `--from`, and a SIGKILL mid-stage followed by a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +20,6 @@ from conftest import REPO_ROOT, cli_env
 from rlhf.cli import main
 
 STAGES = ["base", "data", "sft", "reward", "ppo", "eval", "export"]
-HAS_EXPORT = importlib.util.find_spec("rlhf.export") is not None
 UPDATES = 6  # PPO updates (batch 8); a checkpoint every 2, so a kill mid-PPO has one to resume from
 
 
@@ -37,7 +35,7 @@ def tiny_config(**ppo: Any) -> dict[str, Any]:
         "ppo": {"use_lora": False, "batch_size": 8, "total_episodes": 8 * UPDATES, "response_length": 24,
                 "eval_prompts": 10, "save_every": 2, "report_to": "none", "sample_every": 0, **ppo},
         "eval": {"n": 20, "max_new_tokens": 24},
-        "export": {"outtype": "f32", "progress": False} if HAS_EXPORT else {"enabled": False},
+        "export": {"outtype": "f32", "progress": False},
     }
 
 
@@ -80,9 +78,8 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
 def test_every_stage_writes_its_outputs_and_the_report(reference_run):
     run, _, out = reference_run
     for stage in STAGES:
-        if stage != "export" or HAS_EXPORT:
-            assert (run / stage / "metrics.json").is_file(), stage
-    assert statuses(run) == {s: ("ran" if s != "export" or HAS_EXPORT else "disabled") for s in STAGES}
+        assert (run / stage / "metrics.json").is_file(), stage
+    assert statuses(run) == dict.fromkeys(STAGES, "ran")
     assert (run / "base" / "config.json").is_file() and (run / "base" / "tokenizer.json").is_file()
     for split in ("train", "test", "sft"):
         assert (run / "data" / f"{split}.jsonl").stat().st_size > 0
@@ -119,7 +116,6 @@ def test_every_stage_writes_its_outputs_and_the_report(reference_run):
     assert "Missing" not in report
 
 
-@pytest.mark.skipif(not HAS_EXPORT, reason="rlhf.export is not importable yet: the export stage is disabled")
 def test_export_stage_writes_a_gguf(reference_run):
     run, _, _ = reference_run
     m = json.loads((run / "export" / "metrics.json").read_text())
@@ -147,7 +143,7 @@ def test_changing_a_ppo_key_reruns_ppo_and_what_follows(reference_run, tmp_path)
     assert main(["pipeline", "--config", str(config), "--output_dir", str(copy), "--report", "false"]) == 0
     st = statuses(copy)
     assert [s for s in STAGES if st[s] == "skipped"] == ["base", "data", "sft", "reward"]
-    assert [s for s in STAGES if st[s] == "ran"] == ["ppo", "eval"] + (["export"] if HAS_EXPORT else [])
+    assert [s for s in STAGES if st[s] == "ran"] == ["ppo", "eval", "export"]
     new_ppo = json.loads((copy / "ppo" / "metrics.json").read_text())
     assert new_ppo["resumed_from_update"] == 0  # the old run's checkpoints were not reused
     assert new_ppo["kl_final"] != old_ppo["kl_final"]
@@ -164,7 +160,7 @@ def test_from_reruns_from_that_stage_on(reference_run, tmp_path, capsys):
     assert proc.returncode == 0, out[-3000:]
     st = statuses(copy)
     assert [s for s in STAGES if st[s] == "skipped"] == ["base", "data", "sft"]
-    assert [s for s in STAGES if st[s] == "ran"] == ["reward", "ppo", "eval"] + (["export"] if HAS_EXPORT else [])
+    assert [s for s in STAGES if st[s] == "ran"] == ["reward", "ppo", "eval", "export"]
     # deterministic stages: the same numbers again
     assert_same_run(final_numbers(copy), final_numbers(run))
     assert main(["pipeline", "--config", str(config), "--output_dir", str(copy), "--from", "rewards"]) == 2
