@@ -130,6 +130,7 @@ def run_ours(model_dir: Path, a: argparse.Namespace, lora: bool, tag: str, out: 
             "missing_eos_penalty": 0.0,  # TRL 1.12's default is None: no penalty
             "eval_prompts": 0, "save_every": 0, "sample_every": 0, "report_to": "none", "resume": False,
             "lr_schedule": "linear", "seed": a.seed,
+            "value_head_init": a.value_head_init,
         }
         cfg_path = Path(tmp) / "ppo.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
@@ -210,6 +211,8 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--value-head-init", default="reward", choices=["reward", "zero"],
+                    help="our value head's start; 'reward' is what TRL does (the default here, for parity)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every run (OMP_NUM_THREADS)")
     a = ap.parse_args()
 

@@ -1,4 +1,4 @@
-"""`rlhf data preference` as a script: `python|torchrun|accelerate launch scripts/data_preference.py --config FILE.yaml`."""
+"""`rlhf data preference` as a script: `python|torchrun|accelerate launch scripts/data_preference.py ...`."""
 
 from rlhf.cli import script_main
 
