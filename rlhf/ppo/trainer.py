@@ -319,8 +319,7 @@ class PPOTrainer:
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({"model": {k: v for k, v in self.inner.state_dict().items()
-                                  if self._trainable_or_buffer(k)},
+            torch.save({"model": {k: v for k, v in self.inner.state_dict().items() if self._is_trainable(k)},
                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                        tmp / "trainer.pt")
         self.acc.wait_for_everyone()
@@ -333,7 +332,8 @@ class PPOTrainer:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
 
-    def _trainable_or_buffer(self, key: str) -> bool:
+    def _is_trainable(self, key: str) -> bool:
+        """Checkpoints hold what training changes; frozen base weights are reloaded from the model."""
         if not hasattr(self, "_trainable_keys"):
             self._trainable_keys = {n for n, p in self.inner.named_parameters() if p.requires_grad}
         return key in self._trainable_keys
@@ -436,10 +436,7 @@ class PPOTrainer:
             if not torch.isfinite(batch["scores"]).all():
                 raise FloatingPointError(f"non-finite reward at update {update + 1}")
             t1 = time.perf_counter()
-            try:
-                stats = self.learn(batch, update)
-            except FloatingPointError:
-                raise
+            stats = self.learn(batch, update)
             dt = time.perf_counter() - t0
             t_train += dt
             n_local = len(prompts)
