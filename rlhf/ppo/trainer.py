@@ -551,7 +551,9 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         raise UserError(f"PPO stopped: {e}{where}. Lower --learning_rate or raise --kl_coef, then rerun "
                         "(it resumes from the checkpoint)") from None
     if trainer.acc.is_main_process:
-        print(f"PPO done: agreement {metrics['agreement_before']} -> {metrics['agreement_after']}, "
+        agreement = (f"agreement {metrics['agreement_before']} -> {metrics['agreement_after']}"
+                     if metrics["agreement_after"] is not None else "agreement not evaluated (eval_prompts 0)")
+        print(f"PPO done: {agreement}, "
               f"KL {metrics['kl_final']:.2f}, {metrics['episodes_per_second']:.1f} episodes/s, world size "
               f"{metrics['world_size']} -> {cfg.output_dir}")
     return metrics
