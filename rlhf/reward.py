@@ -8,6 +8,7 @@ through TRL's RewardTrainer. Full fine-tuning or LoRA (the score head is always 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
@@ -25,6 +26,15 @@ from rlhf.models import ModelOptions, add_lora, load_tokenizer, load_value_model
 from rlhf.training import quiet_transformers, seed_everything, world_info
 
 NORMALIZATION_FILE = "reward_normalization.json"
+
+
+def reward_normalization(model_dir: str | Path) -> tuple[float, float] | None:
+    """(mean, std) of the reward model's held-out scores, as the reward stage wrote them; None if absent."""
+    path = Path(model_dir) / NORMALIZATION_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return float(data["mean"]), max(float(data["std"]), 1e-6)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
@@ -179,7 +189,7 @@ class ScoreConfig:
     prompt: str = field("", help="user prompt (with --response)")
     response: str = field("", help="assistant answer to score")
     file: str = field("", help="JSONL with prompt/response (strings) or prompt/chosen/rejected (messages)")
-    output_dir: str = field("", help="if set, write scores.jsonl and metrics.json here")
+    output_dir: str = field("", help="if set, write metrics.json (with every score) here")
     seed: int = field(0, help="unused; kept for the common convention")
     batch_size: int = field(64, help="rows per batch")
 

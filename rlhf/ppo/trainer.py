@@ -194,11 +194,11 @@ class PPOTrainer:
                 if getattr(head, "bias", None) is not None:
                     head.bias.zero_()
             elif self.cfg.normalize_reward:
-                from rlhf.reward import NORMALIZATION_FILE
+                from rlhf.reward import reward_normalization
 
-                stats = Path(value_src) / NORMALIZATION_FILE
-                if stats.is_file():
-                    head.weight.div_(max(float(json.loads(stats.read_text())["std"]), 1e-6))
+                stats = reward_normalization(value_src)
+                if stats:
+                    head.weight.div_(stats[1])
 
     @property
     def inner(self) -> PolicyAndValue:

@@ -40,22 +40,16 @@ class ModelReward:
 
     def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 64,
                  dtype: str = "float32", normalize: bool = True) -> None:
-        import json
-        from pathlib import Path
-
         from rlhf.models import ModelOptions, load_tokenizer, load_value_model
-        from rlhf.reward import NORMALIZATION_FILE
+        from rlhf.reward import reward_normalization
 
         self.tok = load_tokenizer(path, padding_side="right")
         self.model = load_value_model(path, ModelOptions(dtype=dtype, use_lora=False),
                                       pad_token_id=self.tok.pad_token_id).to(device).eval()
         self.model.requires_grad_(False)
         self.batch_size = batch_size
-        self.shift, self.scale = 0.0, 1.0
-        stats = Path(path) / NORMALIZATION_FILE
-        if normalize and stats.is_file():
-            data = json.loads(stats.read_text())
-            self.shift, self.scale = float(data["mean"]), max(float(data["std"]), 1e-6)
+        stats = reward_normalization(path) if normalize else None
+        self.shift, self.scale = stats or (0.0, 1.0)
 
     def __call__(self, prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
         from rlhf.reward import score_texts
