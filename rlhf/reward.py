@@ -22,8 +22,8 @@ from rlhf.config import field
 from rlhf.data.schema import PREFERENCE_COLUMNS, load_rows, model_context, resolve_split
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, read_jsonl, write_metrics
-from rlhf.models import ModelOptions, add_lora, load_tokenizer, load_value_model
-from rlhf.training import quiet_transformers, seed_everything, world_info
+from rlhf.models import ModelOptions, add_lora, load_tokenizer, load_value_model, make_adapter_relocatable
+from rlhf.training import precision_args, quiet_transformers, seed_everything, world_info
 
 NORMALIZATION_FILE = "reward_normalization.json"
 
@@ -149,7 +149,7 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
         warmup_steps=cfg.warmup_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
         center_rewards_coefficient=cfg.center_rewards_coefficient or None, logging_steps=cfg.logging_steps,
-        save_strategy="no", report_to="none", bf16=cfg.dtype == "bfloat16", dataloader_num_workers=0,
+        save_strategy="no", report_to="none", **precision_args(cfg.dtype), dataloader_num_workers=0,
         disable_dropout=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
     result = trainer.train()
@@ -163,6 +163,7 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
     if trainer.accelerator.is_main_process:
         out = Path(cfg.output_dir)
         trainer.save_model(str(out))
+        make_adapter_relocatable(out)
         tok.padding_side = "left"
         tok.save_pretrained(out)
         metrics.update(evaluate_pairs(trainer.model, tok, test_rows, cfg.eval_batch_size))

@@ -15,8 +15,8 @@ from typing import Any
 from rlhf.config import field
 from rlhf.data.schema import SFT_COLUMNS, load_rows, model_context, resolve_split
 from rlhf.io import write_metrics
-from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer
-from rlhf.training import quiet_transformers, seed_everything, world_info
+from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer, make_adapter_relocatable
+from rlhf.training import precision_args, quiet_transformers, seed_everything, world_info
 
 
 @dataclass
@@ -56,7 +56,7 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type="linear",
         warmup_steps=cfg.warmup_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
-        logging_steps=cfg.logging_steps, save_strategy="no", report_to="none", bf16=cfg.dtype == "bfloat16",
+        logging_steps=cfg.logging_steps, save_strategy="no", report_to="none", **precision_args(cfg.dtype),
         dataloader_num_workers=0, eos_token="<|im_end|>" if "<|im_end|>" in tok.get_vocab() else None,
         disable_tqdm=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
@@ -69,7 +69,8 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
                                * world["world_size"]}
     if trainer.accelerator.is_main_process:
         out = Path(cfg.output_dir)
-        trainer.save_model(str(out))  # full weights, or the LoRA adapter (its base path is recorded)
+        trainer.save_model(str(out))
+        make_adapter_relocatable(out)  # full weights, or the LoRA adapter (its base path is recorded)
         tok.padding_side = "left"
         tok.save_pretrained(out)
         if cfg.eval_prompts > 0:

@@ -38,6 +38,15 @@ def quiet_transformers() -> None:
         pass
 
 
+def precision_args(dtype: str) -> dict[str, Any]:
+    """TrainingArguments for a model loaded in `dtype`: autocast in bf16/fp16. Without a GPU,
+    transformers refuses bf16 unless told it runs on CPU (where bf16 matmuls are ~2x faster than
+    f32 on CPUs with AVX512-BF16, measured: SmolLM2-135M forward 1.5 -> 0.7 s)."""
+    half = dtype in ("bfloat16", "float16")
+    return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16",
+            "use_cpu": half and not torch.cuda.is_available()}
+
+
 def world_info() -> dict[str, Any]:
     """World size as torchrun/accelerate set it (1 for a plain `python` run)."""
     return {"world_size": int(os.environ.get("WORLD_SIZE", "1")), "rank": int(os.environ.get("RANK", "0"))}

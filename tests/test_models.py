@@ -96,6 +96,70 @@ def test_lora_adapter_folder_loads_on_its_base_and_merges(tiny: Path, tmp_path: 
         load_causal_lm(str(adapter))
 
 
+def _random_lora(model: torch.nn.Module, opts: ModelOptions, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    model = add_lora(model, opts, task_type=task_type)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter, so merging matters
+    return model
+
+
+def test_lora_on_a_lora_sft_loads_as_policy_value_and_export(tiny: Path, tmp_path: Path) -> None:
+    """The pipeline with LoRA everywhere: SFT saves an adapter on the base, the reward model and PPO
+    save adapters whose base is that SFT adapter. Every loader must merge the chain."""
+    from rlhf.export.merge import load_merged, save_hf
+    from rlhf.models import load_value_model, make_adapter_relocatable
+
+    opts = ModelOptions(lora_r=4, lora_alpha=8)
+    ids = torch.tensor([[1, 5, 9, 14, 20]])
+    sft = _random_lora(load_causal_lm(str(tiny)), opts)
+    sft.save_pretrained(tmp_path / "sft")
+    # the value model / reward model start: the SFT adapter applied to the classifier's backbone
+    value = load_value_model(str(tmp_path / "sft"))
+    base_value = load_value_model(str(tiny))
+    assert not torch.allclose(value.model(ids).last_hidden_state, base_value.model(ids).last_hidden_state)
+    torch.testing.assert_close(value.model(ids).last_hidden_state,
+                               load_causal_lm(str(tmp_path / "sft"), merge_lora=True).model(ids).last_hidden_state,
+                               atol=1e-4, rtol=1e-4)
+    # a reward-model LoRA on the SFT adapter keeps its trained head
+    reward = _random_lora(value, opts, task_type="SEQ_CLS")
+    reward.save_pretrained(tmp_path / "reward")
+    torch.testing.assert_close(load_value_model(str(tmp_path / "reward"))(ids).logits, reward(ids).logits,
+                               atol=1e-4, rtol=1e-4)
+    # a PPO policy LoRA on the SFT adapter: loads, merges, exports as plain weights
+    policy = _random_lora(load_causal_lm(str(tmp_path / "sft"), merge_lora=True), opts)
+    expected = policy(ids).logits
+    policy.save_pretrained(tmp_path / "ppo")
+    load_tokenizer(str(tiny)).save_pretrained(tmp_path / "ppo")  # as PPO saves it
+    make_adapter_relocatable(tmp_path / "ppo")
+    make_adapter_relocatable(tmp_path / "reward")
+    for name in ("ppo", "reward"):  # each records the SFT adapter as its base, relative to itself
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text())["base_model_name_or_path"] == "../sft"
+    assert Path(json.loads((tmp_path / "sft" / "adapter_config.json").read_text())["base_model_name_or_path"]) == tiny
+    merged = load_causal_lm(str(tmp_path / "ppo"), merge_lora=True)
+    assert not hasattr(merged, "peft_config")
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+    model, tok = load_merged(str(tmp_path / "ppo"))
+    hf = save_hf(model, tok, tmp_path / "hf")
+    assert not (hf / "adapter_config.json").exists()
+    torch.testing.assert_close(load_causal_lm(str(hf))(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_trains_float32_weights_on_a_bf16_model(tiny: Path) -> None:
+    """bf16 weights compute fast; the trained ones (adapters, the score head) stay f32 for Adam."""
+    from rlhf.models import load_value_model
+
+    opts = ModelOptions(lora_r=4, lora_alpha=8, dtype="bfloat16")
+    model = add_lora(load_value_model(str(tiny), opts), opts, task_type="SEQ_CLS")
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trained) and any("lora_A" in n for n in trained)
+    assert set(trained.values()) == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
+
+
 def test_qlora_4bit_trains_on_cpu(tmp_path: Path) -> None:
     """bitsandbytes 0.50 runs nf4 on CPU: load 4-bit, add LoRA, a few steps lower the loss."""
     pytest.importorskip("bitsandbytes")

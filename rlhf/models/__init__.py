@@ -7,9 +7,10 @@ from rlhf.models.load import (
     load_causal_lm,
     load_tokenizer,
     load_value_model,
+    make_adapter_relocatable,
     resolve_model,
     stop_token_ids,
 )
 
 __all__ = ["ModelOptions", "add_lora", "load_causal_lm", "load_tokenizer", "load_value_model",
-           "resolve_model", "stop_token_ids"]
+           "make_adapter_relocatable", "resolve_model", "stop_token_ids"]

@@ -20,6 +20,7 @@ from typing import Any
 
 from rlhf.config import field
 from rlhf.errors import UserError
+from rlhf.io import atomic_write_json
 
 # Short names -> (python package shipping a GGUF, glob inside it)
 SHORT_NAMES: dict[str, tuple[str, str]] = {
@@ -202,13 +203,16 @@ def load_causal_lm(name_or_path: str, opts: ModelOptions | None = None, *, merge
 
     opts = opts or ModelOptions(use_lora=False)
     base, adapter = _base_and_adapter(name_or_path)
-    model = _from_pretrained(AutoModelForCausalLM, base, opts)
+    if Path(base, "adapter_config.json").is_file():  # a LoRA trained on a LoRA (PPO after LoRA SFT)
+        model = load_causal_lm(base, opts, merge_lora=True)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, base, opts)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
         if merge_lora:
-            model = model.merge_and_unload()
+            model = _merged(model, adapter)
     return model
 
 
@@ -224,22 +228,59 @@ def load_value_model(name_or_path: str, opts: ModelOptions | None = None, *, num
 
     opts = opts or ModelOptions(use_lora=False)
     base, adapter = _base_and_adapter(name_or_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = _from_pretrained(AutoModelForSequenceClassification, base, opts, num_labels=num_labels)
+    if Path(base, "adapter_config.json").is_file():  # a LoRA trained on a LoRA (reward model on a LoRA SFT)
+        model = load_value_model(base, opts, num_labels=num_labels)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _from_pretrained(AutoModelForSequenceClassification, base, opts, num_labels=num_labels)
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     if adapter:
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
-        if merge_lora:
-            model = model.merge_and_unload()
+        config = PeftConfig.from_pretrained(adapter)
+        if config.task_type != "SEQ_CLS":
+            # an SFT (causal LM) adapter: its LoRA weights fit the backbone of the classifier too;
+            # the untyped PeftModel loads them without the causal LM's generation hooks
+            config.task_type = None
+            model = _merged(PeftModel.from_pretrained(model, adapter, config=config), adapter)
+        else:
+            model = PeftModel.from_pretrained(model, adapter)
+            if merge_lora:
+                model = _merged(model, adapter)
     return model
+
+
+def _merged(peft_model: Any, adapter: str) -> Any:
+    """Merge the adapter, and name the result after the adapter folder: a LoRA trained on top of it
+    then records that folder, not the bare base, as its base (else reloading it drops this one)."""
+    model = peft_model.merge_and_unload()
+    model.name_or_path = model.config.name_or_path = str(Path(adapter).resolve())  # peft reads the former
+    return model
+
+
+def make_adapter_relocatable(folder: str | Path) -> None:
+    """Record an adapter's base relative to it when both live in one run folder (runs/x/ppo/policy ->
+    ../../sft), so the run folder can be moved or copied whole; a base elsewhere stays absolute."""
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base or not Path(base).is_absolute() or not Path(base).is_dir():
+        return
+    here, there = folder.resolve(), Path(base).resolve()
+    common = Path(os.path.commonpath([here, there]))
+    if len(here.relative_to(common).parts) <= 2:  # the adapter is at most two levels below the shared folder
+        cfg["base_model_name_or_path"] = os.path.relpath(there, here)
+        atomic_write_json(cfg_path, cfg)
 
 
 def add_lora(model: Any, opts: ModelOptions, *, task_type: str = "CAUSAL_LM") -> Any:
     """Wrap `model` with fresh LoRA adapters (and prepare 4-bit weights for training)."""
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if opts.load_in_4bit:
@@ -250,4 +291,8 @@ def add_lora(model: Any, opts: ModelOptions, *, task_type: str = "CAUSAL_LM") ->
     config = LoraConfig(
         r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout, target_modules=targets,
         task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()  # trained weights stay f32 (master weights); autocast computes in half
+    return model

@@ -32,7 +32,14 @@ from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
 from rlhf.generation import evaluate_policy, generate
 from rlhf.io import append_jsonl, atomic_write_json, read_jsonl, write_metrics
-from rlhf.models import add_lora, load_causal_lm, load_tokenizer, load_value_model, resolve_model, stop_token_ids
+from rlhf.models import (
+    add_lora,
+    load_causal_lm,
+    load_tokenizer,
+    load_value_model,
+    make_adapter_relocatable,
+    stop_token_ids,
+)
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
 from rlhf.rewards import build_reward
@@ -156,7 +163,6 @@ class PPOTrainer:
 
     def _load_models(self) -> None:
         cfg = self.cfg
-        self.policy_path = resolve_model(cfg.model)
         self.tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, padding_side="left")
         self.stops = stop_token_ids(self.tok) if cfg.stop_token == "eos" else []
         policy = load_causal_lm(cfg.model, cfg, merge_lora=True)
@@ -400,17 +406,13 @@ class PPOTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         policy.save_pretrained(tmp)
         self.tok.save_pretrained(tmp)
-        if (tmp / "adapter_config.json").is_file():  # record the base relative to the adapter: relocatable
-            acfg = json.loads((tmp / "adapter_config.json").read_text())
-            base = Path(self.policy_path)
-            if base.exists():
-                acfg["base_model_name_or_path"] = os.path.relpath(base.resolve(), target.resolve())
-            atomic_write_json(tmp / "adapter_config.json", acfg)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        make_adapter_relocatable(target)
         value_dir = self.out / "value"
         shutil.rmtree(value_dir, ignore_errors=True)
         self.inner.value.save_pretrained(value_dir)
+        make_adapter_relocatable(value_dir)
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
