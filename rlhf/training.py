@@ -27,6 +27,8 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|trl|peft|accelerate)\b")
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator is found.*")
     warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+    # peft, when an adapter's base is another adapter folder (LoRA PPO on a LoRA SFT): harmless
+    warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:

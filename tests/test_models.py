@@ -195,3 +195,13 @@ def test_smollm2_short_name_converts_once_and_loads() -> None:
     assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
     model = load_causal_lm("smollm2-135m")
     assert model.config.model_type == "llama"
+
+
+def test_lora_layers_adapts_only_the_last_layers(tiny: Path) -> None:
+    base = load_causal_lm(str(tiny))
+    n = base.config.num_hidden_layers
+    model = add_lora(base, ModelOptions(lora_layers=1))
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert adapted == {str(n - 1)}
+    with pytest.raises(UserError, match=f"lora_layers is {n + 1} but the model has {n} layers"):
+        add_lora(load_causal_lm(str(tiny)), ModelOptions(lora_layers=n + 1))

@@ -46,6 +46,9 @@ class ModelOptions:
     lora_alpha: int = field(32, help="LoRA alpha")
     lora_dropout: float = field(0.0, help="LoRA dropout")
     lora_target_modules: str = field("all-linear", help="'all-linear' or comma-separated module names")
+    lora_layers: int = field(0, help="adapters on the last N transformer layers only (0: all). The backward "
+                                     "pass then stops at the lowest adapted layer: on CPU, 8 of SmolLM2's 30 "
+                                     "layers halve a training step")
 
 
 def _find_gguf_in_package(package: str, pattern: str) -> Path:
@@ -288,9 +291,20 @@ def add_lora(model: Any, opts: ModelOptions, *, task_type: str = "CAUSAL_LM") ->
     targets: Any = opts.lora_target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    layers = None
+    if opts.lora_layers > 0:
+        n_layers = model.config.num_hidden_layers
+        if opts.lora_layers > n_layers:
+            raise UserError(f"lora_layers is {opts.lora_layers} but the model has {n_layers} layers; "
+                            f"use 1..{n_layers}, or 0 for all")
+        layers = list(range(n_layers - opts.lora_layers, n_layers))
+        if targets == "all-linear":  # peft takes layer indices only with module names: the layers' linears
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
     config = LoraConfig(
         r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout, target_modules=targets,
-        task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+        layers_to_transform=layers, task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
     model = get_peft_model(model, config)
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
