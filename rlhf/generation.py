@@ -45,9 +45,11 @@ class Generated:
 
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
-             do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Generated:
+             do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             prompt_ids: list[list[int]] | None = None) -> Generated:
+    """Sample (or greedily decode) answers; `prompt_ids`: the prompts already rendered and tokenized."""
     stops = stop_token_ids(tok)
-    query, query_mask = left_pad(chat_prompt_ids(tok, prompts), tok.pad_token_id)
+    query, query_mask = left_pad(prompt_ids or chat_prompt_ids(tok, prompts), tok.pad_token_id)
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = {"do_sample": do_sample}
     if do_sample:

@@ -66,6 +66,24 @@ def test_same_seed_same_numbers(tiny_stack: dict[str, str], tmp_path: Path) -> N
     assert logged(a) != logged(c)
 
 
+def test_value_side_thread_computes_the_same_update(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    """The value model's half on a second thread is a scheduling choice, not new math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seq = run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "seq", total_episodes=24, eval_prompts=0,
+                                            parallel_value=False), "t"))
+        par = run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "par", total_episodes=24, eval_prompts=0), "t"))
+    finally:
+        torch.set_num_threads(threads)
+    assert par["value_on_side_thread"] and not seq["value_on_side_thread"]
+    assert torch.get_num_threads() == threads
+    a, b = logged(tmp_path / "seq"), logged(tmp_path / "par")
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b):
+        assert ra == pytest.approx(rb, rel=1e-4, abs=1e-6)
+
+
 def test_lora_reference_is_the_base_with_adapters_disabled(tiny_stack: dict[str, str], tmp_path: Path) -> None:
     """Fresh LoRA adapters start at B = 0, so policy == reference and the first KL is exactly 0."""
     out = tmp_path / "lora"

@@ -65,6 +65,9 @@ class PPOConfig(ModelOptions):
     keep_checkpoints: int = field(2, help="checkpoints kept on disk")
     resume: bool = field(True, help="continue from the last checkpoint in output_dir when there is one")
     report_to: str = field("tensorboard", help="accelerate tracker: tensorboard | none")
+    parallel_value: bool = field(True, help="one process on a CPU: the value model's forward/backward on a second "
+                                            "thread beside the policy's (same math; each side gets half the "
+                                            "torch threads)")
     gc_freeze: bool = field(True, help="gc.freeze() after loading: cyclic GC over model objects costs seconds")
 
     def validate(self) -> None:

@@ -21,6 +21,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import nn
 
 from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
-from rlhf.generation import evaluate_policy, generate
+from rlhf.generation import chat_ids, evaluate_policy, generate
 from rlhf.io import append_jsonl, atomic_write_json, read_jsonl, write_metrics
 from rlhf.models import (
     add_lora,
@@ -72,11 +73,53 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 n_response: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.policy_logits(input_ids, attention_mask, n_response),
+                self.values(input_ids, attention_mask, n_response))
+
+    def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
+        """Logits that predict the response tokens."""
+        return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(
+            attention_mask), logits_to_keep=n_response + 1).logits[:, :-1]
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
+        """V(s_t) for the states before each response token."""
         pos = position_ids_of(attention_mask)
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                             logits_to_keep=n_response + 1).logits[:, :-1]
-        values = token_values(self.value, input_ids, attention_mask, pos)[:, -n_response - 1:-1]
-        return logits, values
+        return token_values(self.value, input_ids, attention_mask, pos)[:, -n_response - 1:-1]
+
+
+class SideThread:
+    """A second thread for the value model's half of the work (its forward and backward), while the
+    policy's half runs on the calling thread: on a CPU both models are too small to keep two cores
+    busy with one op at a time, and the two halves share nothing (separate graphs, parameters,
+    losses). Each side gets half the torch threads while they overlap; PyTorch releases the GIL
+    inside ops and runs each backward on the thread that calls it."""
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads, self.half = threads, max(1, threads // 2)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rlhf-value",
+                                       initializer=torch.set_num_threads, initargs=(self.half,))
+
+    def run(self, side: Any, main: Any) -> tuple[Any, Any]:
+        """(side(), main()), computed at the same time; an exception in either is raised here."""
+        torch.set_num_threads(self.half)
+        try:
+            future = self.pool.submit(side)
+            main_result = main()
+            return future.result(), main_result
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio compares log-probs of the same weights: dropout would make it noise (as in TRL)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
 
 
 class PromptStream:
@@ -149,6 +192,10 @@ class PPOTrainer:
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
         self.kl_coef = cfg.kl_coef
         self.start_update = 0
+        # one process on a CPU: the value model's half of each step on a second thread (see SideThread)
+        threads = torch.get_num_threads()
+        use_side = cfg.parallel_value and self.world == 1 and self.device.type == "cpu" and threads >= 2
+        self.side = SideThread(threads) if use_side else None
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -156,6 +203,7 @@ class PPOTrainer:
         # PPO needs prompts only: a preference folder, or any JSONL with a `prompt` message list.
         train = load_rows(resolve_split(cfg.data, "train"), PROMPT_COLUMNS)
         self.stream = PromptStream([r["prompt"] for r in train], cfg.seed)
+        self._prompt_cache: dict[str, list[int]] = {}
         self.eval_prompts: list[Any] = []
         if cfg.eval_prompts > 0:
             test = load_rows(resolve_split(cfg.data, "test"), PROMPT_COLUMNS)
@@ -179,6 +227,8 @@ class PPOTrainer:
         self._init_value_head(value, value_src)
         if cfg.value_use_lora:
             value = add_lora(value, cfg, task_type="SEQ_CLS")
+        disable_dropout(policy)
+        disable_dropout(value)
         self.model = PolicyAndValue(policy, value).to(self.device)
         self.reward_fn = build_reward(cfg.rewards, reward_model=cfg.reward_model, device=self.device,
                                       ollama_model=cfg.ollama_model, ollama_host=cfg.ollama_host or None,
@@ -217,42 +267,69 @@ class PPOTrainer:
         t0 = time.perf_counter()
         inner.eval()
         g = generate(inner.policy, self.tok, prompts, max_new_tokens=cfg.response_length, do_sample=True,
-                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                     prompt_ids=[self._prompt_ids(p) for p in prompts])
         t_gen = time.perf_counter() - t0
         if self.stops:
             mask, has_stop = core.response_mask(g.response, self.stops, self.tok.pad_token_id)
         else:
             mask, has_stop = torch.ones_like(g.response), torch.ones(len(prompts), dtype=torch.bool)
         n_resp = max(1, int(mask.sum(1).max()))  # trim columns no row uses
-        response, mask = g.response[:, :n_resp], mask[:, :n_resp]
+        response, mask = g.response[:, :n_resp].to(self.device), mask[:, :n_resp].to(self.device)
+        ids = torch.cat([g.query.to(self.device), response], 1)
+        att = torch.cat([g.query_mask.to(self.device), torch.ones_like(response)], 1)
         t1 = time.perf_counter()
-        scores = self.reward_fn(prompts, g.texts, has_stop.tolist()).float() * cfg.score_scale
-        if self.stops:
-            scores = scores - cfg.missing_eos_penalty * (~has_stop).float()
-        if cfg.score_clip > 0:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        t_score = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        ids = torch.cat([g.query, response], 1).to(self.device)
-        att = torch.cat([g.query_mask, torch.ones_like(response)], 1).to(self.device)
-        logits, values = inner(ids, att, n_resp)
-        logp = core.logprobs_of(logits, response.to(self.device), cfg.temperature)
-        entropy = core.masked_mean(core.entropy_of(logits, cfg.temperature), mask.to(self.device))
-        del logits
-        ref_logp = self._ref_logprobs(ids, att, response.to(self.device), n_resp)
-        mask, scores = mask.to(self.device), scores.to(self.device)
+
+        def score_and_values() -> tuple[torch.Tensor, torch.Tensor, float]:
+            with torch.no_grad():
+                scores = self._score(prompts, g.texts, has_stop)
+                t_score = time.perf_counter() - t1
+                with self.acc.autocast():
+                    return scores, inner.values(ids, att, n_resp), t_score
+
+        def policy_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with torch.no_grad(), self.acc.autocast():
+                logits = inner.policy_logits(ids, att, n_resp)
+                logp = core.logprobs_of(logits, response, cfg.temperature)
+                entropy = core.masked_mean(core.entropy_of(logits, cfg.temperature), mask)
+                del logits
+                return logp, entropy, self._ref_logprobs(ids, att, response, n_resp)
+
+        if self.side:
+            (scores, values, t_score), (logp, entropy, ref_logp) = self.side.run(score_and_values,
+                                                                                policy_and_reference)
+        else:
+            scores, values, t_score = score_and_values()
+            logp, entropy, ref_logp = policy_and_reference()
+        scores = scores.to(self.device)
         kl = core.kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
         rewards = core.per_token_rewards(scores, kl, mask, self.kl_coef)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = core.masked_whiten(advantages, mask)
-        t_fwd = time.perf_counter() - t2
-        return {"ids": ids, "att": att, "response": response.to(self.device), "mask": mask, "n_resp": n_resp,
+        t_fwd = time.perf_counter() - t1 - t_score  # with the side thread: what scoring did not overlap
+        return {"ids": ids, "att": att, "response": response, "mask": mask, "n_resp": n_resp,
                 "logp": logp, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
                 "kl": kl.sum(1), "entropy": entropy, "has_stop": has_stop, "texts": g.texts, "prompts": prompts,
                 "t_gen": t_gen, "t_score": t_score, "t_fwd": t_fwd,
                 "reward_parts": dict(getattr(self.reward_fn, "last", {}))}
+
+    def _prompt_ids(self, prompt: list[dict[str, str]]) -> list[int]:
+        """A prompt's chat-template token ids, rendered once per prompt (not once per update)."""
+        key = json.dumps(prompt, sort_keys=True)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = chat_ids(self.tok, prompt, add_generation_prompt=True)
+        return self._prompt_cache[key]
+
+    def _score(self, prompts: list[Any], texts: list[str], has_stop: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        scores = self.reward_fn(prompts, texts, has_stop.tolist()).float() * cfg.score_scale
+        if self.stops:
+            scores = scores - cfg.missing_eos_penalty * (~has_stop).float()
+        if cfg.score_clip > 0:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        return scores
 
     def _ref_logprobs(self, ids: torch.Tensor, att: torch.Tensor, response: torch.Tensor, n_resp: int) -> torch.Tensor:
         pos = position_ids_of(att)
@@ -280,18 +357,17 @@ class PPOTrainer:
                 for k in range(start, start + mb, micro):
                     idx = perm[k:k + micro].to(self.device)
                     sync = k + micro >= start + mb
-                    with (nullcontext() if sync or self.world == 1 else self.model.no_sync()):
-                        logits, values = self.model(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
-                        new_logp = core.logprobs_of(logits, batch["response"][idx], cfg.temperature)
-                        m = batch["mask"][idx]
-                        pg_loss, pst = core.policy_loss(new_logp, batch["logp"][idx], batch["advantages"][idx], m,
-                                                        cfg.cliprange)
-                        vf_loss, vst = core.value_loss(values, batch["values"][idx], batch["returns"][idx], m,
-                                                       cfg.cliprange_value)
-                        loss = pg_loss + cfg.vf_coef * vf_loss
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"non-finite loss ({loss.item()}) at update {update}")
-                        self.acc.backward(loss / cfg.gradient_accumulation_steps)
+                    if self.side:  # the same losses and gradients, the two models on two threads
+                        (vf_loss, vst), (pg_loss, pst) = self.side.run(partial(self._value_step, batch, idx, update),
+                                                                       partial(self._policy_step, batch, idx, update))
+                    else:
+                        with (nullcontext() if sync or self.world == 1 else self.model.no_sync()):
+                            logits, values = self.model(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
+                            pg_loss, pst = self._policy_loss(batch, idx, logits)
+                            vf_loss, vst = self._value_loss(batch, idx, values)
+                            loss = pg_loss + cfg.vf_coef * vf_loss
+                            self._check_finite(loss, update)
+                            self.acc.backward(loss / cfg.gradient_accumulation_steps)
                     for key, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pst["clipfrac"]),
                                      ("approx_kl", pst["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
                         stats[key].append(float(val.detach()))
@@ -310,6 +386,39 @@ class PPOTrainer:
                 break
         self.scheduler.step()
         return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+
+    def _policy_loss(self, batch: dict[str, Any], idx: torch.Tensor,
+                     logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        new_logp = core.logprobs_of(logits, batch["response"][idx], self.cfg.temperature)
+        return core.policy_loss(new_logp, batch["logp"][idx], batch["advantages"][idx], batch["mask"][idx],
+                                self.cfg.cliprange)
+
+    def _value_loss(self, batch: dict[str, Any], idx: torch.Tensor,
+                    values: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return core.value_loss(values, batch["values"][idx], batch["returns"][idx], batch["mask"][idx],
+                               self.cfg.cliprange_value)
+
+    @staticmethod
+    def _check_finite(loss: torch.Tensor, update: int) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at update {update}")
+
+    def _policy_step(self, batch: dict[str, Any], idx: torch.Tensor, update: int) -> tuple[torch.Tensor, Any]:
+        """Forward and backward of the policy's loss alone (the side thread does the value's)."""
+        with self.acc.autocast():
+            logits = self.inner.policy_logits(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
+        pg_loss, pst = self._policy_loss(batch, idx, logits)
+        self._check_finite(pg_loss, update)
+        self.acc.backward(pg_loss / self.cfg.gradient_accumulation_steps)
+        return pg_loss, pst
+
+    def _value_step(self, batch: dict[str, Any], idx: torch.Tensor, update: int) -> tuple[torch.Tensor, Any]:
+        with self.acc.autocast():
+            values = self.inner.values(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
+        vf_loss, vst = self._value_loss(batch, idx, values)
+        self._check_finite(vf_loss, update)
+        self.acc.backward(self.cfg.vf_coef * vf_loss / self.cfg.gradient_accumulation_steps)
+        return vf_loss, vst
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _checkpoint_dirs(self) -> list[Path]:
@@ -471,6 +580,8 @@ class PPOTrainer:
             self._plot()
         self.acc.wait_for_everyone()
         self.acc.end_training()  # closes trackers and the process group: nothing collective after it
+        if self.side:
+            self.side.close()
         return metrics
 
     def _before_metrics(self) -> dict[str, Any]:
@@ -524,6 +635,7 @@ class PPOTrainer:
             "train_seconds_this_run": round(t_train, 2),
             "time_split_seconds": {k: round(v, 2) for k, v in timing.items()},
             "wall_seconds": round(wall, 2), "world_size": self.world, "resumed_from_update": self.start_update,
+            "value_on_side_thread": self.side is not None,
             "samples_before": before.get("samples", []), "samples_after": after.get("samples", []),
             "action_share_after": after.get("action_share_greedy"),
         }
