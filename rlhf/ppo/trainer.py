@@ -20,7 +20,8 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,15 @@ class SideThread:
         finally:
             side_result = future.result()
         return side_result, main_result
+
+    @contextmanager
+    def all_threads(self) -> Iterator[None]:
+        """Every torch thread for work with nothing beside it (evaluation before and after)."""
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(max(1, self.threads // 2))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -489,6 +499,10 @@ class PPOTrainer:
     def evaluate(self) -> dict[str, Any]:
         if not self.eval_prompts:
             return {}
+        with self.side.all_threads() if self.side else nullcontext():  # nothing runs beside it
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, Any]:
         cfg, policy = self.cfg, self.inner.policy
         out: dict[str, Any] = {}
         for mode, sample in (("greedy", False), ("sampled", True)):
@@ -583,8 +597,6 @@ class PPOTrainer:
             self._plot()
         self.acc.wait_for_everyone()
         self.acc.end_training()  # closes trackers and the process group: nothing collective after it
-        if self.side:
-            self.side.close()
         return metrics
 
     def _before_metrics(self) -> dict[str, Any]:
@@ -667,8 +679,11 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         where = f"; the last good checkpoint is {ck[-1]}" if ck else ""
         raise UserError(f"PPO stopped: {e}{where}. Lower --learning_rate or raise --kl_coef, then rerun "
                         "(it resumes from the checkpoint)") from None
+    finally:
+        if trainer.side:  # hand the torch threads back (the pipeline runs the next stage in this process)
+            trainer.side.close()
     if trainer.acc.is_main_process:
-        agreement = (f"agreement {metrics['agreement_before']} -> {metrics['agreement_after']}"
+        agreement = (f"agreement {metrics['agreement_before']:.3f} -> {metrics['agreement_after']:.3f}"
                      if metrics["agreement_after"] is not None else "agreement not evaluated (eval_prompts 0)")
         print(f"PPO done: {agreement}, "
               f"KL {metrics['kl_final']:.2f}, {metrics['episodes_per_second']:.1f} episodes/s, world size "
