@@ -65,9 +65,9 @@ class PPOConfig(ModelOptions):
     keep_checkpoints: int = field(2, help="checkpoints kept on disk")
     resume: bool = field(True, help="continue from the last checkpoint in output_dir when there is one")
     report_to: str = field("tensorboard", help="accelerate tracker: tensorboard | none")
-    parallel_value: bool = field(True, help="one process on a CPU: the value model's forward/backward on a second "
-                                            "thread beside the policy's (same math; each side gets half the "
-                                            "torch threads)")
+    parallel_value: bool = field(True, help="the value model's forward/backward (and the scoring) on a second thread "
+                                            "beside the policy's, each with half the torch threads, where it pays: "
+                                            "one process, a CPU, a policy under 50M parameters. Same math")
     gc_freeze: bool = field(True, help="gc.freeze() after loading: cyclic GC over model objects costs seconds")
 
     def validate(self) -> None:
