@@ -124,7 +124,10 @@ def _adapter_base(adapter_dir: Path) -> str:
     if not base:
         raise UserError(f"{adapter_dir}/adapter_config.json has no base_model_name_or_path; "
                         "set it to the folder of the base model")
-    for candidate in (base, str(adapter_dir / base), str(adapter_dir.parent / base)):
+    # a relative base is relative to the adapter (as we write it), never first to the current directory:
+    # "../sft" from another working directory could name an unrelated model
+    candidates = [base] if Path(base).is_absolute() else [str(adapter_dir / base), str(adapter_dir.parent / base), base]
+    for candidate in candidates:
         if Path(candidate).is_dir():
             return resolve_model(candidate)
     try:
