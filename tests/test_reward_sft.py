@@ -47,26 +47,6 @@ def test_reward_stage_metrics_and_normalization(tiny_stack: dict[str, str]) -> N
     assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and len(cfg["id2label"]) == 1
 
 
-def test_model_reward_sees_an_unfinished_answer_as_unfinished(tiny_stack: dict[str, str]) -> None:
-    """A finished answer is rendered as in reward training (the template closes the turn); a cut-off
-    one must not be: closing it would hide the missing stop token from the reward model."""
-    from rlhf.generation import chat_ids
-    from rlhf.reward import score_ids, score_texts
-    from rlhf.rewards import ModelReward
-
-    reward = ModelReward(tiny_stack["reward"], normalize=False)
-    prompt = [{"role": "user", "content": "A chip measures [length, width, height] = [10, 20, 30] mm. "
-                                          "Recommend an adjustment as JSON."}]
-    answer = '{"action": "increase", "reason": "Too thin'
-    finished, unfinished = reward([prompt, prompt], [answer, answer], [True, False]).tolist()
-    closed = score_texts(reward.model, reward.tok, [prompt + [{"role": "assistant", "content": answer}]])[0]
-    open_ids = chat_ids(reward.tok, prompt, add_generation_prompt=True) + reward.tok(
-        answer, add_special_tokens=False)["input_ids"]
-    assert finished == pytest.approx(closed, abs=1e-5)
-    assert unfinished == pytest.approx(score_ids(reward.model, reward.tok, [open_ids])[0], abs=1e-5)
-    assert unfinished != pytest.approx(finished, abs=1e-3)
-
-
 def test_score_prints_rewards_for_a_pair_and_a_file(tiny_stack: dict[str, str], tmp_path: Path, capsys) -> None:
     m = run_score(build(ScoreConfig, {"model": tiny_stack["reward"], "prompt": "A chip measures [1, 2, 3] mm.",
                                       "response": '{"action": "increase", "reason": "x"}'}, "t"))

@@ -52,18 +52,10 @@ class ModelReward:
         self.shift, self.scale = stats or (0.0, 1.0)
 
     def __call__(self, prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
-        from rlhf.generation import chat_ids
-        from rlhf.reward import score_ids
+        from rlhf.reward import score_texts
 
-        seqs = []
-        for prompt, response, stopped in zip(prompts, responses, has_stop):
-            if stopped:  # a finished answer, rendered as the reward model saw answers in training
-                seqs.append(chat_ids(self.tok, prompt + [{"role": "assistant", "content": response}],
-                                     add_generation_prompt=False))
-            else:  # cut off: the template would close the turn and hide that; score it open, as generated
-                seqs.append(chat_ids(self.tok, prompt, add_generation_prompt=True)
-                            + self.tok(response, add_special_tokens=False)["input_ids"])
-        return (torch.tensor(score_ids(self.model, self.tok, seqs, self.batch_size)) - self.shift) / self.scale
+        convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+        return (torch.tensor(score_texts(self.model, self.tok, convs, self.batch_size)) - self.shift) / self.scale
 
 
 def rule_reward(prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
