@@ -100,10 +100,10 @@ class SideThread:
     def __init__(self, threads: int) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.threads, half = threads, max(1, threads // 2)
-        torch.set_num_threads(half)
+        self.threads, self.half = threads, max(1, threads // 2)
+        torch.set_num_threads(self.half)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rlhf-value",
-                                       initializer=torch.set_num_threads, initargs=(half,))
+                                       initializer=torch.set_num_threads, initargs=(self.half,))
 
     def run(self, side: Any, main: Any) -> tuple[Any, Any]:
         """(side(), main()), computed at the same time; an exception in either is raised here."""
@@ -121,7 +121,7 @@ class SideThread:
         try:
             yield
         finally:
-            torch.set_num_threads(max(1, self.threads // 2))
+            torch.set_num_threads(self.half)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
