@@ -75,12 +75,18 @@ def score_texts(model: Any, tok: Any, conversations: list[list[dict[str, str]]],
     """Reward of each full conversation (prompt + assistant answer), rendered with the chat template."""
     from rlhf.generation import chat_ids
 
+    return score_ids(model, tok, [chat_ids(tok, c, add_generation_prompt=False) for c in conversations], batch_size)
+
+
+@torch.no_grad()
+def score_ids(model: Any, tok: Any, sequences: list[list[int]], batch_size: int = 64) -> list[float]:
+    """Reward of each token sequence, read at its last token."""
     model.eval()
     device = next(model.parameters()).device
     scores: list[float] = []
     pad = tok.pad_token_id
-    for i in range(0, len(conversations), batch_size):
-        seqs = [chat_ids(tok, c, add_generation_prompt=False) for c in conversations[i:i + batch_size]]
+    for i in range(0, len(sequences), batch_size):
+        seqs = sequences[i:i + batch_size]
         n = max(map(len, seqs))
         ids = torch.full((len(seqs), n), pad, dtype=torch.long)
         att = torch.zeros_like(ids)

@@ -131,6 +131,7 @@ def run_ours(model_dir: Path, a: argparse.Namespace, lora: bool, tag: str, out: 
             "eval_prompts": 0, "save_every": 0, "sample_every": 0, "report_to": "none", "resume": False,
             "lr_schedule": "linear", "seed": a.seed,
             "value_head_init": a.value_head_init,
+            "score_unfinished": a.score_unfinished,
         }
         cfg_path = Path(tmp) / "ppo.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
@@ -213,6 +214,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--value-head-init", default="reward", choices=["reward", "zero"],
                     help="our value head's start; 'reward' is what TRL does (the default here, for parity)")
+    ap.add_argument("--score-unfinished", default="open", choices=["open", "closed"],
+                    help="how our reward model sees a cut-off answer; 'open' (tokens as generated) is what TRL "
+                         "scores (the default here, for parity; our PPO's default is 'closed')")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every run (OMP_NUM_THREADS)")
     a = ap.parse_args()
 
@@ -234,7 +238,8 @@ def main() -> int:
                               "loadavg_before": os.getloadavg(), "cases": {}}
     md = [f"Command: `{report['command']}`; {a.episodes} episodes, batch {a.batch_size}, 1 minibatch, "
           f"{a.ppo_epochs} PPO epochs, response_length {a.response_length}, lr {a.lr}, kl_coef {a.kl_coef}, "
-          f"temperature {a.temperature}, stop at eos, fp32, seed {a.seed}, {a.threads} threads. "
+          f"temperature {a.temperature}, stop at eos, cut-off answers scored {a.score_unfinished}, fp32, "
+          f"seed {a.seed}, {a.threads} threads. "
           f"Median of {a.repeats} run(s) by episodes/s.\n"]
     for size in sizes:
         for variant in variants:

@@ -47,6 +47,32 @@ def test_reward_stage_metrics_and_normalization(tiny_stack: dict[str, str]) -> N
     assert cfg["architectures"] == ["Qwen2ForSequenceClassification"] and len(cfg["id2label"]) == 1
 
 
+def test_model_reward_scores_a_cut_off_answer_closed_or_open(tiny_stack: dict[str, str]) -> None:
+    """'closed' renders a cut-off answer like a finished one (the template closes the turn); 'open'
+    scores the tokens as generated, the turn left open (TRL's way). A finished answer is the same."""
+    from rlhf.generation import chat_ids
+    from rlhf.reward import score_ids, score_texts
+    from rlhf.rewards import ModelReward
+
+    prompt = [{"role": "user", "content": "A chip measures [length, width, height] = [10, 20, 30] mm. "
+                                          "Recommend an adjustment as JSON."}]
+    answer = '{"action": "increase", "reason": "Too thin'
+    closed_reward = ModelReward(tiny_stack["reward"], normalize=False)
+    open_reward = ModelReward(tiny_stack["reward"], normalize=False, unfinished="open")
+    conversation = prompt + [{"role": "assistant", "content": answer}]
+    closed = score_texts(closed_reward.model, closed_reward.tok, [conversation])[0]
+    open_ids = chat_ids(open_reward.tok, prompt, add_generation_prompt=True) + open_reward.tok(
+        answer, add_special_tokens=False)["input_ids"]
+    as_generated = score_ids(open_reward.model, open_reward.tok, [open_ids])[0]
+    assert closed != pytest.approx(as_generated, abs=1e-3)
+    finished, cut_off = closed_reward([prompt, prompt], [answer, answer], [True, False]).tolist()
+    assert finished == pytest.approx(closed, abs=1e-5) and cut_off == pytest.approx(closed, abs=1e-5)
+    finished, cut_off = open_reward([prompt, prompt], [answer, answer], [True, False]).tolist()
+    assert finished == pytest.approx(closed, abs=1e-5) and cut_off == pytest.approx(as_generated, abs=1e-5)
+    with pytest.raises(UserError, match="score_unfinished"):
+        ModelReward(tiny_stack["reward"], unfinished="half")
+
+
 def test_score_prints_rewards_for_a_pair_and_a_file(tiny_stack: dict[str, str], tmp_path: Path, capsys) -> None:
     m = run_score(build(ScoreConfig, {"model": tiny_stack["reward"], "prompt": "A chip measures [1, 2, 3] mm.",
                                       "response": '{"action": "increase", "reason": "x"}'}, "t"))

@@ -34,6 +34,10 @@ class PPOConfig(ModelOptions):
     top_p: float = field(1.0, help="nucleus sampling")
     stop_token: str = field("eos", help="'eos': stop at <|im_end|>/EOS and mask what follows; 'none': fixed length")
     missing_eos_penalty: float = field(1.0, help="subtracted from the score of a response with no stop token")
+    score_unfinished: Literal["closed", "open"] = field(
+        "closed", help="a response cut off before its stop token, as the reward model sees it: 'closed' (the chat "
+                       "template ends the turn; the penalty above marks the cut) or 'open' (tokens as generated, "
+                       "the turn left open, as TRL scores)")
     # reward shaping
     kl_coef: float = field(0.2, help="beta in r_t = -beta*KL_t (+ score at the end); see configs for why 0.2")
     kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator")

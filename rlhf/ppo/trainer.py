@@ -254,7 +254,7 @@ class PPOTrainer:
         self.reward_fn = build_reward(cfg.rewards, reward_model=cfg.reward_model, device=self.device,
                                       ollama_model=cfg.ollama_model, ollama_host=cfg.ollama_host or None,
                                       cache_dir=str(self.out / "judge-cache"), dtype=cfg.dtype,
-                                      normalize=cfg.normalize_reward)
+                                      normalize=cfg.normalize_reward, score_unfinished=cfg.score_unfinished)
         if cfg.gc_freeze:
             gc.collect()
             gc.freeze()  # the model's many objects never become garbage: stop rescanning them

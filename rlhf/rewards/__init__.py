@@ -36,10 +36,18 @@ JUDGE_PROMPT = (
 
 class ModelReward:
     """The trained reward model (scalar head). With `normalize`, scores are standardised by the
-    mean/std the reward stage measured on held-out answers, so they are near N(0, 1)."""
+    mean/std the reward stage measured on held-out answers, so they are near N(0, 1).
+
+    `unfinished` says how an answer cut off before its stop token is shown to the reward model:
+    'closed' renders it like a finished one (the chat template closes the turn, so the reward model
+    cannot see the cut; pair it with PPO's missing_eos_penalty), 'open' scores the tokens as generated,
+    the turn left open, as TRL does."""
 
     def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 64,
-                 dtype: str = "float32", normalize: bool = True) -> None:
+                 dtype: str = "float32", normalize: bool = True, unfinished: str = "closed") -> None:
+        if unfinished not in ("closed", "open"):
+            raise UserError(f"score_unfinished must be 'closed' or 'open', got {unfinished!r}")
+        self.unfinished = unfinished
         from rlhf.models import ModelOptions, load_tokenizer, load_value_model
         from rlhf.reward import reward_normalization
 
@@ -52,10 +60,18 @@ class ModelReward:
         self.shift, self.scale = stats or (0.0, 1.0)
 
     def __call__(self, prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
-        from rlhf.reward import score_texts
+        from rlhf.generation import chat_ids
+        from rlhf.reward import score_ids
 
-        convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        return (torch.tensor(score_texts(self.model, self.tok, convs, self.batch_size)) - self.shift) / self.scale
+        seqs = []
+        for prompt, response, stopped in zip(prompts, responses, has_stop):
+            if stopped or self.unfinished == "closed":  # rendered as the reward model saw answers in training
+                seqs.append(chat_ids(self.tok, prompt + [{"role": "assistant", "content": response}],
+                                     add_generation_prompt=False))
+            else:
+                seqs.append(chat_ids(self.tok, prompt, add_generation_prompt=True)
+                            + self.tok(response, add_special_tokens=False)["input_ids"])
+        return (torch.tensor(score_ids(self.model, self.tok, seqs, self.batch_size)) - self.shift) / self.scale
 
 
 def rule_reward(prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
@@ -119,13 +135,15 @@ class MixedReward:
 
 def build_reward(weights: dict[str, float], *, reward_model: str = "", device: Any = "cpu",
                  ollama_model: str = "qwen2.5:7b", ollama_host: str | None = None,
-                 cache_dir: str | None = None, dtype: str = "float32", normalize: bool = True) -> MixedReward:
+                 cache_dir: str | None = None, dtype: str = "float32", normalize: bool = True,
+                 score_unfinished: str = "closed") -> MixedReward:
     parts: list[tuple[str, float, RewardFn]] = []
     for name, weight in weights.items():
         if name == "model":
             if not reward_model:
                 raise UserError("reward source 'model' needs --reward_model PATH (the output of `rlhf reward`)")
-            parts.append((name, float(weight), ModelReward(reward_model, device, dtype=dtype, normalize=normalize)))
+            parts.append((name, float(weight), ModelReward(reward_model, device, dtype=dtype, normalize=normalize,
+                                                           unfinished=score_unfinished)))
         elif name == "rule":
             parts.append((name, float(weight), rule_reward))
         elif name == "bonus":
