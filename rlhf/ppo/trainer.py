@@ -602,7 +602,6 @@ class PPOTrainer:
         metrics = self._final_metrics(before, after, last, timing, t_train, episodes, tokens, time.time() - wall0)
         if self.acc.is_main_process:
             write_metrics(self.out, metrics)
-            self._plot()
         self.acc.wait_for_everyone()
         self.acc.end_training()  # closes trackers and the process group: nothing collective after it
         return metrics
@@ -668,18 +667,22 @@ class PPOTrainer:
         log = self.out / "metrics.jsonl"
         return read_jsonl(log, tolerate_torn_tail=True) if log.exists() else []
 
-    def _plot(self) -> None:
-        from rlhf.plots import plot_curves
 
-        rows = self._logged_rows()
-        if rows:
-            plot_curves(rows, ["score_mean", "kl", "entropy", "vf_loss", "clipfrac", "response_length"],
-                        self.out / "ppo_curves.png", title="PPO")
+def plot_ppo_curves(out: Path) -> None:
+    """ppo_curves.png from metrics.jsonl in `out`."""
+    from rlhf.plots import plot_curves
+
+    log = out / "metrics.jsonl"
+    rows = read_jsonl(log, tolerate_torn_tail=True) if log.exists() else []
+    if rows:
+        plot_curves(rows, ["score_mean", "kl", "entropy", "vf_loss", "clipfrac", "response_length"],
+                    out / "ppo_curves.png", title="PPO")
 
 
 def run(cfg: PPOConfig) -> dict[str, Any]:
     quiet_transformers()
     trainer = PPOTrainer(cfg)
+    out, is_main = trainer.out, trainer.acc.is_main_process
     try:
         metrics = trainer.train()
     except FloatingPointError as e:
@@ -690,7 +693,11 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
     finally:
         if trainer.side:  # hand the torch threads back (the pipeline runs the next stage in this process)
             trainer.side.close()
-    if trainer.acc.is_main_process:
+        del trainer
+        gc.unfreeze()  # the trainer froze its models' objects for speed: let them be collected now
+        gc.collect()
+    if is_main:
+        plot_ppo_curves(out)  # after the models are freed, so plotting adds nothing to the training's peak memory
         agreement = (f"agreement {metrics['agreement_before']:.3f} -> {metrics['agreement_after']:.3f}"
                      if metrics["agreement_after"] is not None else "agreement not evaluated (eval_prompts 0)")
         print(f"PPO done: {agreement}, "
