@@ -84,12 +84,13 @@ def test_value_side_thread_computes_the_same_update(tiny_stack: dict[str, str], 
 
 
 def test_lora_reference_is_the_base_with_adapters_disabled(tiny_stack: dict[str, str], tmp_path: Path) -> None:
-    """Fresh LoRA adapters start at B = 0, so policy == reference and the first KL is exactly 0."""
+    """Fresh LoRA adapters start at B = 0, so policy == reference and the first KL is 0 (up to the
+    rounding between the log-probs recorded while sampling and the reference's pass: 1e-13 here)."""
     out = tmp_path / "lora"
     m = run(build(PPOConfig, ppo_args(tiny_stack, out, use_lora=True, lora_r=4, total_episodes=16,
-                                      eval_prompts=0, kl_estimator="k3"), "t"))
+                                      eval_prompts=0, kl_estimator="k3", logprobs_from_generation=True), "t"))
     rows = logged(out)
-    assert rows[0]["kl"] == 0.0
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert m["kl_final"] >= 0.0  # k3 is never negative
     adapter = json.loads((out / "policy" / "adapter_config.json").read_text())
     # the SFT model it was trained on (relative when both live in one run folder: tests/test_models.py)
@@ -181,3 +182,32 @@ def test_two_processes_each_roll_out_their_share(tiny_stack: dict[str, str], tmp
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["updates"] == 4 and m["episodes"] == 32
     assert "world size 2" in proc.stdout
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_sampling_records_what_a_forward_pass_gives(tiny_stack: dict[str, str], top_k: int) -> None:
+    """The log-probs and entropies recorded while sampling (what PPO keeps as the old policy) equal a
+    forward pass over the finished rollouts at the temperature, also when top-k trims what is drawn."""
+    from rlhf.generation import generate
+    from rlhf.models import load_causal_lm, load_tokenizer, stop_token_ids
+    from rlhf.ppo import core
+    from rlhf.ppo.trainer import position_ids_of
+
+    tok = load_tokenizer(tiny_stack["sft"], padding_side="left")
+    model = load_causal_lm(tiny_stack["sft"]).eval()
+    prompts = [[{"role": "user", "content": f"A chip measures [length, width, height] = [{i}, 20, {3 * i}] mm. "
+                                            "Recommend an adjustment as JSON."}] for i in range(1, 9)]
+    torch.manual_seed(0)
+    g = generate(model, tok, prompts, max_new_tokens=12, do_sample=True, temperature=0.7, top_k=top_k,
+                 record_logprobs=True)
+    ids, att = torch.cat([g.query, g.response], 1), torch.cat([g.query_mask, torch.ones_like(g.response)], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_of(att)).logits
+    logits = logits[:, g.query.shape[1] - 1:-1]
+    mask, _ = core.response_mask(g.response, stop_token_ids(tok), tok.pad_token_id)
+    assert g.logprobs.shape == g.response.shape == g.entropy.shape
+    assert torch.allclose(g.logprobs * mask, core.logprobs_of(logits, g.response, 0.7) * mask, atol=1e-5)
+    assert torch.allclose(g.entropy * mask, core.entropy_of(logits, 0.7) * mask, atol=1e-5)
+    if top_k:  # drawn from the top k only, yet scored under the whole distribution
+        rank = (logits > logits.gather(-1, g.response.unsqueeze(-1))).sum(-1)
+        assert int((rank * mask).max()) < top_k

@@ -287,9 +287,12 @@ class PPOTrainer:
         cfg, inner = self.cfg, self.inner
         t0 = time.perf_counter()
         inner.eval()
-        g = generate(inner.policy, self.tok, prompts, max_new_tokens=cfg.response_length, do_sample=True,
-                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     prompt_ids=[self._prompt_ids(p) for p in prompts])
+        # recording log-probs while sampling: in the update's numerics (autocast), so first ratios are 1
+        with self.acc.autocast() if cfg.logprobs_from_generation else nullcontext():
+            g = generate(inner.policy, self.tok, prompts, max_new_tokens=cfg.response_length, do_sample=True,
+                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                         prompt_ids=[self._prompt_ids(p) for p in prompts],
+                         record_logprobs=cfg.logprobs_from_generation)
         t_gen = time.perf_counter() - t0
         if self.stops:
             mask, has_stop = core.response_mask(g.response, self.stops, self.tok.pad_token_id)
@@ -310,10 +313,14 @@ class PPOTrainer:
 
         def policy_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             with torch.no_grad(), self.acc.autocast():
-                logits = inner.policy_logits(ids, att, n_resp)
-                logp = core.logprobs_of(logits, response, cfg.temperature)
-                entropy = core.masked_mean(core.entropy_of(logits, cfg.temperature), mask)
-                del logits
+                if g.logprobs is not None:  # recorded while sampling: no second pass over the policy
+                    logp = g.logprobs[:, :n_resp].to(self.device)
+                    entropy = core.masked_mean(g.entropy[:, :n_resp].to(self.device), mask)
+                else:
+                    logits = inner.policy_logits(ids, att, n_resp)
+                    logp = core.logprobs_of(logits, response, cfg.temperature)
+                    entropy = core.masked_mean(core.entropy_of(logits, cfg.temperature), mask)
+                    del logits
                 return logp, entropy, self._ref_logprobs(ids, att, response, n_resp)
 
         if self.side:
