@@ -650,7 +650,7 @@ class PPOTrainer:
     def _final_metrics(self, before: dict[str, Any], after: dict[str, Any], last: dict[str, Any],
                        timing: dict[str, float], t_train: float, episodes: int, tokens: int,
                        wall: float) -> dict[str, Any]:
-        final = (self._logged_rows() or [last])[-1]
+        final = (logged_rows(self.out) or [last])[-1]
         m: dict[str, Any] = {
             "agreement_before": before.get("agreement_greedy"), "agreement_after": after.get("agreement_greedy"),
             "agreement_sampled_before": before.get("agreement_sampled"),
@@ -670,17 +670,18 @@ class PPOTrainer:
         }
         return m
 
-    def _logged_rows(self) -> list[dict[str, Any]]:
-        log = self.out / "metrics.jsonl"
-        return read_jsonl(log, tolerate_torn_tail=True) if log.exists() else []
+
+def logged_rows(out: Path) -> list[dict[str, Any]]:
+    """The per-update rows of metrics.jsonl in `out` (a torn last line from a kill is dropped)."""
+    log = out / "metrics.jsonl"
+    return read_jsonl(log, tolerate_torn_tail=True) if log.exists() else []
 
 
 def plot_ppo_curves(out: Path) -> None:
     """ppo_curves.png from metrics.jsonl in `out`."""
     from rlhf.plots import plot_curves
 
-    log = out / "metrics.jsonl"
-    rows = read_jsonl(log, tolerate_torn_tail=True) if log.exists() else []
+    rows = logged_rows(out)
     if rows:
         plot_curves(rows, ["score_mean", "kl", "entropy", "vf_loss", "clipfrac", "response_length"],
                     out / "ppo_curves.png", title="PPO")
