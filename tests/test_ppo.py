@@ -84,13 +84,12 @@ def test_value_side_thread_computes_the_same_update(tiny_stack: dict[str, str], 
 
 
 def test_lora_reference_is_the_base_with_adapters_disabled(tiny_stack: dict[str, str], tmp_path: Path) -> None:
-    """Fresh LoRA adapters start at B = 0, so policy == reference and the first KL is 0 (up to the
-    rounding between the log-probs recorded while sampling and the reference's pass: 1e-13 here)."""
+    """Fresh LoRA adapters start at B = 0, so policy == reference and the first KL is exactly 0."""
     out = tmp_path / "lora"
     m = run(build(PPOConfig, ppo_args(tiny_stack, out, use_lora=True, lora_r=4, total_episodes=16,
-                                      eval_prompts=0, kl_estimator="k3", logprobs_from_generation=True), "t"))
+                                      eval_prompts=0, kl_estimator="k3"), "t"))
     rows = logged(out)
-    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["kl"] == 0.0
     assert m["kl_final"] >= 0.0  # k3 is never negative
     adapter = json.loads((out / "policy" / "adapter_config.json").read_text())
     # the SFT model it was trained on (relative when both live in one run folder: tests/test_models.py)
@@ -182,6 +181,33 @@ def test_two_processes_each_roll_out_their_share(tiny_stack: dict[str, str], tmp
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["updates"] == 4 and m["episodes"] == 32
     assert "world size 2" in proc.stdout
+
+
+def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With logprobs_from_generation the old log-probs come from sampling, not a forward pass: one
+    policy pass fewer per update; with fresh LoRA (policy == reference) the first KL is 0 up to their
+    rounding (1e-13 here), and the first update matches the forward-pass run within that rounding."""
+    from rlhf.ppo.trainer import PolicyAndValue
+
+    calls = {"n": 0}
+    policy_logits = PolicyAndValue.policy_logits
+
+    def counted(self: PolicyAndValue, *a: Any) -> torch.Tensor:
+        calls["n"] += 1
+        return policy_logits(self, *a)
+
+    monkeypatch.setattr(PolicyAndValue, "policy_logits", counted)
+    args = {"use_lora": True, "lora_r": 4, "total_episodes": 16, "eval_prompts": 0, "kl_estimator": "k3"}
+    run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "fwd", **args), "t"))
+    passes_with_forward, calls["n"] = calls["n"], 0
+    run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "gen", logprobs_from_generation=True, **args), "t"))
+    assert passes_with_forward - calls["n"] == 2  # 16 episodes / batch 8: one rollout pass saved per update
+    fwd, gen = logged(tmp_path / "fwd")[0], logged(tmp_path / "gen")[0]
+    assert gen["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert gen["score_mean"] == fwd["score_mean"]  # the same samples
+    assert gen["entropy"] == pytest.approx(fwd["entropy"], abs=1e-5)
+    assert gen["pg_loss"] == pytest.approx(fwd["pg_loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("top_k", [0, 3])
