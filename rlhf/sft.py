@@ -16,7 +16,7 @@ from rlhf.config import field
 from rlhf.data.schema import SFT_COLUMNS, load_rows, model_context, resolve_split
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer, make_adapter_relocatable
-from rlhf.training import precision_args, quiet_transformers, seed_everything, world_info
+from rlhf.training import GRADIENT_CHECKPOINTING_HELP, precision_args, quiet_transformers, seed_everything, world_info
 
 
 @dataclass
@@ -35,9 +35,7 @@ class SFTStageConfig(ModelOptions):
     eval_prompts: int = field(200, help="held-out prompts (test split) for agreement after SFT; 0 skips")
     max_new_tokens: int = field(48, help="answer length budget during evaluation")
     logging_steps: int = field(10, help="log every N steps")
-    gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass: less memory, "
-                                         "more compute. TRL turns it on by default; with LoRA it also sends the "
-                                         "backward through every layer (measured: 3x slower steps on SmolLM2)")
+    gradient_checkpointing: bool = field(False, help=GRADIENT_CHECKPOINTING_HELP)
 
 
 def run(cfg: SFTStageConfig) -> dict[str, Any]:
