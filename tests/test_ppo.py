@@ -237,3 +237,26 @@ def test_sampling_records_what_a_forward_pass_gives(tiny_stack: dict[str, str], 
     if top_k:  # drawn from the top k only, yet scored under the whole distribution
         rank = (logits > logits.gather(-1, g.response.unsqueeze(-1))).sum(-1)
         assert int((rank * mask).max()) < top_k
+
+
+def test_run_frees_the_trainer_and_its_models(tiny_stack: dict[str, str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer gc.freeze()s its objects for speed; run() must hand them back to the collector, or a
+    library caller (or the next pipeline stage) keeps every model of a finished PPO run in memory."""
+    import gc
+    import weakref
+
+    from rlhf.ppo.trainer import PPOTrainer
+
+    alive: list[weakref.ref] = []
+    train = PPOTrainer.train
+
+    def keep_refs(self: PPOTrainer) -> dict[str, Any]:
+        alive.extend([weakref.ref(self), weakref.ref(self.inner.policy), weakref.ref(self.inner.value)])
+        return train(self)
+
+    monkeypatch.setattr(PPOTrainer, "train", keep_refs)
+    run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "run", total_episodes=16, eval_prompts=0), "t"))
+    assert gc.get_freeze_count() == 0
+    assert alive and all(ref() is None for ref in alive)
+    assert (tmp_path / "run" / "ppo_curves.png").is_file()
