@@ -84,15 +84,14 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
 def sequence_logprobs(model: Any, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
                       mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """Sum over the masked response tokens of log p(token | prefix) at `temperature`: [B]."""
+    from rlhf.models.tail import causal_logits
     from rlhf.ppo.core import logprobs_of
-    from rlhf.ppo.trainer import position_ids_of
 
     device = next(model.parameters()).device
     ids = torch.cat([query, response], 1).to(device)
     att = torch.cat([query_mask, torch.ones_like(response)], 1).to(device)
     n = response.shape[1]
-    logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_of(att),
-                   logits_to_keep=n + 1).logits[:, :-1]
+    logits = causal_logits(model, ids, att, n + 1)[:, :-1]
     return (logprobs_of(logits, response.to(device), temperature) * mask.to(device)).sum(1).float().cpu()
 
 

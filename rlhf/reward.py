@@ -79,20 +79,15 @@ def score_texts(model: Any, tok: Any, conversations: list[list[dict[str, str]]],
 @torch.no_grad()
 def score_ids(model: Any, tok: Any, sequences: list[list[int]], batch_size: int = 64) -> list[float]:
     """Reward of each token sequence, read at its last token."""
+    from rlhf.generation import left_pad
+    from rlhf.models.tail import sequence_scores
+
     model.eval()
     device = next(model.parameters()).device
     scores: list[float] = []
-    pad = tok.pad_token_id
     for i in range(0, len(sequences), batch_size):
-        seqs = sequences[i:i + batch_size]
-        n = max(map(len, seqs))
-        ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-        att = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):  # right padding: the score is read at the last real token
-            ids[j, :len(s)] = torch.tensor(s)
-            att[j, :len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits
-        scores += logits[:, 0].float().cpu().tolist()
+        ids, att = left_pad(sequences[i:i + batch_size], tok.pad_token_id)  # the last token at the end of every row
+        scores += sequence_scores(model, ids.to(device), att.to(device))[:, 0].float().cpu().tolist()
     return scores
 
 

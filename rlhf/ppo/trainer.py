@@ -42,6 +42,7 @@ from rlhf.models import (
     make_adapter_relocatable,
     stop_token_ids,
 )
+from rlhf.models.tail import causal_logits, decoder_backbone, position_ids_of, tail_only
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
 from rlhf.rewards import build_reward
@@ -50,17 +51,13 @@ from rlhf.training import quiet_transformers
 __all__ = ["PPOConfig", "run"]
 
 
-def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as generate() uses them, so log-probs match sampling."""
-    return (attention_mask.cumsum(1) - 1).clamp(min=0)
-
-
 def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor) -> torch.Tensor:
-    """The scalar head applied at every position (a sequence classifier only reads the last one)."""
+                 position_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """The scalar head at each of the last `keep` positions (a sequence classifier reads only the last)."""
     base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    with tail_only(value_model, keep, attention_mask):
+        hidden = decoder_backbone(value_model)(input_ids=input_ids, attention_mask=attention_mask,
+                                               position_ids=position_ids).last_hidden_state[:, -keep:]
     return base.score(hidden).squeeze(-1).float()
 
 
@@ -79,13 +76,12 @@ class PolicyAndValue(nn.Module):
 
     def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
         """Logits that predict the response tokens."""
-        return self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(
-            attention_mask), logits_to_keep=n_response + 1).logits[:, :-1]
+        return causal_logits(self.policy, input_ids, attention_mask, n_response + 1)[:, :-1]
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
         """V(s_t) for the states before each response token."""
         pos = position_ids_of(attention_mask)
-        return token_values(self.value, input_ids, attention_mask, pos)[:, -n_response - 1:-1]
+        return token_values(self.value, input_ids, attention_mask, pos, n_response + 1)[:, :-1]
 
 
 class SideThread:
@@ -360,13 +356,12 @@ class PPOTrainer:
         return scores
 
     def _ref_logprobs(self, ids: torch.Tensor, att: torch.Tensor, response: torch.Tensor, n_resp: int) -> torch.Tensor:
-        pos = position_ids_of(att)
         if self.ref_model is not None:
             ctx, ref = nullcontext(), self.ref_model
         else:
             ctx, ref = self.inner.policy.disable_adapter(), self.inner.policy
         with ctx:
-            logits = ref(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=n_resp + 1).logits[:, :-1]
+            logits = causal_logits(ref, ids, att, n_resp + 1)[:, :-1]
         return core.logprobs_of(logits, response, self.cfg.temperature)
 
     def learn(self, batch: dict[str, Any], update: int) -> dict[str, float]:

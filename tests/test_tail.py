@@ -1,0 +1,114 @@
+"""The last decoder layer run only at the positions PPO reads (rlhf.models.tail)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.models.tail import causal_logits, position_ids_of, sequence_scores, supports_tail, tail_only
+
+SIZES = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64, "pad_token_id": 0}
+
+
+def _model(arch: str, head: str) -> torch.nn.Module:
+    import transformers
+
+    config = getattr(transformers, f"{arch}Config")(**SIZES, num_labels=1)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}For{head}")(config)
+    with torch.no_grad():  # weights large enough that a wrong mask or rotation shows
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three left-padded rows of different lengths (pad 0, 3 and 6)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, SIZES["vocab_size"], (3, 12), generator=gen)
+    att = torch.ones_like(ids)
+    for row, pad in enumerate((0, 3, 6)):
+        ids[row, :pad], att[row, :pad] = 0, 0
+    return ids, att
+
+
+def _full_logits(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=att, position_ids=position_ids_of(att)).logits
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Llama"])
+def test_causal_logits_equal_the_full_forward_and_skip_the_prompt(arch: str) -> None:
+    model = _model(arch, "CausalLM")
+    ids, att = _batch()
+    rows_seen: list[int] = []
+    last = model.model.layers[-1]
+    hook = last.mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[1]))
+    full = _full_logits(model, ids, att)[:, -4:]
+    with tail_only(model, 4, att) as applied:
+        assert applied
+    tail = causal_logits(model, ids, att, 4)
+    hook.remove()
+    assert rows_seen == [12, 4]  # the full forward's MLP saw 12 positions, the tail's 4
+    assert tail.shape == full.shape
+    torch.testing.assert_close(tail, full, atol=1e-5, rtol=1e-5)
+    assert "forward" not in vars(last)  # the layer is itself again afterwards
+
+
+def test_gradients_equal_the_full_forward() -> None:
+    ids, att = _batch()
+    weights = torch.randn(3, 4, SIZES["vocab_size"], generator=torch.Generator().manual_seed(2))
+    grads = []
+    for tail in (False, True):
+        model = _model("Qwen2", "CausalLM").train()
+        logits = causal_logits(model, ids, att, 4) if tail else _full_logits(model, ids, att)[:, -4:]
+        (logits * weights).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_sequence_scores_equal_the_classifier_read_at_the_last_token() -> None:
+    model = _model("Qwen2", "SequenceClassification")
+    ids, att = _batch()
+    # the classifier's own forward on the same rows right-padded: it reads the last non-pad token
+    right_ids, right_att = torch.zeros_like(ids), torch.zeros_like(att)
+    for row in range(3):
+        n = int(att[row].sum())
+        right_ids[row, :n], right_att[row, :n] = ids[row, -n:], 1
+    expected = model(input_ids=right_ids, attention_mask=right_att).logits
+    torch.testing.assert_close(sequence_scores(model, ids, att), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_model_and_disabled_adapter() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # non-zero adapters
+    model = get_peft_model(_model("Qwen2", "CausalLM"), lora)
+    ids, att = _batch()
+    torch.testing.assert_close(causal_logits(model, ids, att, 3), _full_logits(model, ids, att)[:, -3:],
+                               atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(causal_logits(model, ids, att, 3), _full_logits(model, ids, att)[:, -3:],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_runs_the_plain_forward() -> None:
+    """Its backward re-runs the layer after the block has ended, so the tail must not be used."""
+    model = _model("Qwen2", "CausalLM").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not supports_tail(model)
+    ids, att = _batch()
+    logits = causal_logits(model, ids, att, 4)
+    logits.sum().backward()  # would fail on a shape mismatch if the tail had been used
+    assert logits.shape == (3, 4, SIZES["vocab_size"])
+
+
+def test_unsupported_models_fall_back() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    assert not supports_tail(model)
+    ids, att = _batch()
+    logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_of(att)).logits[:, -2:]
+    torch.testing.assert_close(causal_logits(model, ids, att, 2), logits)
