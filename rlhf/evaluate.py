@@ -84,7 +84,7 @@ def parse_named(spec: str, what: str) -> dict[str, str]:
 def sequence_logprobs(model: Any, query: torch.Tensor, query_mask: torch.Tensor, response: torch.Tensor,
                       mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """Sum over the masked response tokens of log p(token | prefix) at `temperature`: [B]."""
-    from rlhf.models.tail import causal_logits
+    from rlhf.models.decoder import causal_logits
     from rlhf.ppo.core import logprobs_of
 
     device = next(model.parameters()).device

@@ -12,6 +12,7 @@ import torch
 
 from rlhf.chips import ACTIONS, AdviceParseError, parse_advice, rule_action, spec_from_prompt
 from rlhf.models import stop_token_ids
+from rlhf.models.decoder import next_token_logits
 
 
 def chat_ids(tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
@@ -45,78 +46,66 @@ class Generated:
     entropy: torch.Tensor | None = None  # [B, Tr] entropy of each step's distribution, with record_logprobs
 
 
-class LogprobRecorder:
-    """A logits processor that applies the temperature itself and records, step by step, the
-    log-probability of each sampled token and the entropy, under the full distribution at that
-    temperature: what a forward pass over the finished sequence would give, without that pass.
-    Memory is one [B, V] step, not [B, T, V]. It sees the raw logits because generate() runs with
-    temperature 1 and no warpers of its own; top-k/top-p come after it."""
-
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
-        self.last: torch.Tensor | None = None  # log-probs of the step whose token is not known yet
-        self.logprobs: list[torch.Tensor] = []
-        self.entropy: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.last is not None:  # the previous step's token is the newest input id
-            self.logprobs.append(self.last.gather(1, input_ids[:, -1:]).squeeze(1))
-        scores = scores / self.temperature
-        logp = torch.log_softmax(scores.float(), dim=-1)
-        self.entropy.append(-(logp.exp() * logp).sum(-1))
-        self.last = logp
-        return scores
-
-    def finish(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, steps] log-probs and entropies; `response` holds the sampled ids, one column per step."""
-        steps = len(self.entropy)
-        if self.last is not None:
-            self.logprobs.append(self.last.gather(1, response[:, steps - 1:steps].to(self.last.device)).squeeze(1))
-        return torch.stack(self.logprobs, 1).cpu(), torch.stack(self.entropy, 1).cpu()
-
-
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              prompt_ids: list[list[int]] | None = None, record_logprobs: bool = False) -> Generated:
-    """Sample (or greedily decode) answers; `prompt_ids`: the prompts already rendered and tokenized.
-    `record_logprobs` (sampling only): also the sampled tokens' log-probs and the entropies at the
-    temperature (see LogprobRecorder)."""
-    from transformers import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+    """Sample (or greedily decode) answers, one token per step with the keys and values kept, until
+    every row has stopped; `prompt_ids`: the prompts already rendered and tokenized.
+
+    Sampling is exactly what the arguments say (temperature, then top-k, then top-p), never a
+    model's own generation_config defaults (a Qwen2.5-Instruct one would add top-k 20 and a
+    repetition penalty, which PPO's log-probs would not know about). `record_logprobs` (sampling
+    only): also each sampled token's log-prob and each step's entropy under the whole distribution
+    at the temperature, which is what a forward pass over the finished rollout gives."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
 
     stops = stop_token_ids(tok)
     query, query_mask = left_pad(prompt_ids or chat_prompt_ids(tok, prompts), tok.pad_token_id)
     device = next(model.parameters()).device
-    kwargs: dict[str, Any] = {"do_sample": do_sample}
-    recorder = None
+    warpers = [w for w in (TopKLogitsWarper(top_k) if do_sample and top_k else None,
+                           TopPLogitsWarper(top_p) if do_sample and top_p < 1.0 else None) if w is not None]
+    stop_ids = torch.tensor(stops, device=device)
+    att = query_mask.to(device)
+    logits, past = next_token_logits(model, query.to(device), att)
+    finished = torch.zeros(len(query), dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
+    entropy: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if do_sample:
+            logits = logits / temperature
+            if record_logprobs:
+                logp = torch.log_softmax(logits, -1)
+                entropy.append(-(logp.exp() * logp).sum(-1))
+            for warp in warpers:
+                logits = warp(None, logits)
+            token = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+            if record_logprobs:
+                logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+        else:
+            token = logits.argmax(-1)
+        token = token.masked_fill(finished, tok.pad_token_id)  # rows that have stopped get padding
+        tokens.append(token)
+        finished |= torch.isin(token, stop_ids)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
+        logits, past = next_token_logits(model, token[:, None], att, past)
+    response = torch.full((len(query), max_new_tokens), tok.pad_token_id, dtype=torch.long)
+    response[:, :len(tokens)] = torch.stack(tokens, 1).cpu()
+    recorded = {}
     if do_sample and record_logprobs:
-        recorder = LogprobRecorder(temperature)
-        chain: list[Any] = [recorder]
-        if top_k:
-            chain.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            chain.append(TopPLogitsWarper(top_p))
-        kwargs.update(temperature=1.0, top_k=None, top_p=None, logits_processor=LogitsProcessorList(chain))
-    elif do_sample:
-        kwargs.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
-    out = model.generate(input_ids=query.to(device), attention_mask=query_mask.to(device),
-                         max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=tok.pad_token_id, **kwargs)
-    response = out[:, query.shape[1]:].cpu()
-    logprobs = entropy = None
-    if recorder is not None:
-        logprobs, entropy = recorder.finish(response)
-    if response.shape[1] < max_new_tokens:  # all rows stopped early: pad to a fixed width
-        pad = torch.full((response.shape[0], max_new_tokens - response.shape[1]), tok.pad_token_id, dtype=torch.long)
-        response = torch.cat([response, pad], dim=1)
-        if recorder is not None:
-            zeros = torch.zeros(pad.shape)
-            logprobs, entropy = torch.cat([logprobs, zeros], 1), torch.cat([entropy, zeros], 1)
+        for name, steps in (("logprobs", logprobs), ("entropy", entropy)):
+            recorded[name] = torch.zeros(response.shape)
+            recorded[name][:, :len(steps)] = torch.stack(steps, 1).float().cpu()
     texts, has_stop = [], []
     for row in response.tolist():
         cut = next((i for i, t in enumerate(row) if t in stops), None)
         has_stop.append(cut is not None)
         texts.append(tok.decode(row[:cut] if cut is not None else row, skip_special_tokens=True))
-    return Generated(query, query_mask, response, texts, has_stop, logprobs, entropy)
+    return Generated(query, query_mask, response, texts, has_stop, **recorded)
 
 
 def judge(prompt_text: str, response: str, has_stop: bool = True) -> tuple[bool, bool, str | None]:

@@ -80,14 +80,14 @@ def score_texts(model: Any, tok: Any, conversations: list[list[dict[str, str]]],
 def score_ids(model: Any, tok: Any, sequences: list[list[int]], batch_size: int = 64) -> list[float]:
     """Reward of each token sequence, read at its last token."""
     from rlhf.generation import left_pad
-    from rlhf.models.tail import sequence_scores
+    from rlhf.models.decoder import head_outputs
 
     model.eval()
     device = next(model.parameters()).device
     scores: list[float] = []
     for i in range(0, len(sequences), batch_size):
         ids, att = left_pad(sequences[i:i + batch_size], tok.pad_token_id)  # the last token at the end of every row
-        scores += sequence_scores(model, ids.to(device), att.to(device))[:, 0].float().cpu().tolist()
+        scores += head_outputs(model, ids.to(device), att.to(device), 1)[:, 0, 0].float().cpu().tolist()
     return scores
 
 

@@ -187,7 +187,8 @@ def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, 
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """With logprobs_from_generation the old log-probs come from sampling, not a forward pass: one
     policy pass fewer per update; with fresh LoRA (policy == reference) the first KL is 0 up to their
-    rounding (1e-13 here), and the first update matches the forward-pass run within that rounding."""
+    rounding (1e-13 here), and the first update matches the forward-pass run within that rounding.
+    Two minibatches: with one, the rollout's forward is the update's and there is nothing to save."""
     from rlhf.ppo.trainer import PolicyAndValue
 
     calls = {"n": 0}
@@ -198,7 +199,8 @@ def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, 
         return policy_logits(self, *a)
 
     monkeypatch.setattr(PolicyAndValue, "policy_logits", counted)
-    args = {"use_lora": True, "lora_r": 4, "total_episodes": 16, "eval_prompts": 0, "kl_estimator": "k3"}
+    args = {"use_lora": True, "lora_r": 4, "total_episodes": 16, "eval_prompts": 0, "kl_estimator": "k3",
+            "num_mini_batches": 2}
     run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "fwd", **args), "t"))
     passes_with_forward, calls["n"] = calls["n"], 0
     run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "gen", logprobs_from_generation=True, **args), "t"))
@@ -210,14 +212,47 @@ def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, 
     assert gen["pg_loss"] == pytest.approx(fwd["pg_loss"], abs=1e-5)
 
 
+def test_one_minibatch_reuses_the_rollout_forward(tiny_stack: dict[str, str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one minibatch the first PPO step sees the rollout's weights and the whole batch, so the
+    rollout's policy and value forwards (kept with their graphs) are that step's: one pass fewer of
+    each model per update, and the same update as recomputing them, within rounding."""
+    from rlhf.ppo.trainer import PolicyAndValue, PPOTrainer
+
+    calls = {"policy": 0, "value": 0}
+    for name, key in (("policy_logits", "policy"), ("values", "value")):
+        original = getattr(PolicyAndValue, name)
+
+        def counted(self: PolicyAndValue, *a: Any, _original: Any = original, _key: str = key) -> torch.Tensor:
+            calls[_key] += 1
+            return _original(self, *a)
+
+        monkeypatch.setattr(PolicyAndValue, name, counted)
+    args = {"total_episodes": 16, "eval_prompts": 0}
+    run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "reuse", **args), "t"))
+    reused, calls = dict(calls), calls.update(policy=0, value=0) or calls
+    init = PPOTrainer.__init__
+
+    def no_reuse(self: PPOTrainer, cfg: PPOConfig) -> None:
+        init(self, cfg)
+        self.reuse_rollout_forward = False
+
+    monkeypatch.setattr(PPOTrainer, "__init__", no_reuse)
+    run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "again", **args), "t"))
+    assert calls["policy"] - reused["policy"] == 2 and calls["value"] - reused["value"] == 2  # 2 updates
+    for a, b in zip(logged(tmp_path / "reuse"), logged(tmp_path / "again")):
+        for key in ("score_mean", "kl", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "grad_norm_policy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_sampling_records_what_a_forward_pass_gives(tiny_stack: dict[str, str], top_k: int) -> None:
     """The log-probs and entropies recorded while sampling (what PPO keeps as the old policy) equal a
     forward pass over the finished rollouts at the temperature, also when top-k trims what is drawn."""
     from rlhf.generation import generate
     from rlhf.models import load_causal_lm, load_tokenizer, stop_token_ids
+    from rlhf.models.decoder import position_ids_of
     from rlhf.ppo import core
-    from rlhf.ppo.trainer import position_ids_of
 
     tok = load_tokenizer(tiny_stack["sft"], padding_side="left")
     model = load_causal_lm(tiny_stack["sft"]).eval()

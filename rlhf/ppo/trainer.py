@@ -42,7 +42,7 @@ from rlhf.models import (
     make_adapter_relocatable,
     stop_token_ids,
 )
-from rlhf.models.tail import causal_logits, decoder_backbone, position_ids_of, tail_only
+from rlhf.models.decoder import causal_logits, head_outputs
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
 from rlhf.rewards import build_reward
@@ -52,13 +52,9 @@ __all__ = ["PPOConfig", "run"]
 
 
 def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor, keep: int) -> torch.Tensor:
+                 keep: int) -> torch.Tensor:
     """The scalar head at each of the last `keep` positions (a sequence classifier reads only the last)."""
-    base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
-    with tail_only(value_model, keep, attention_mask):
-        hidden = decoder_backbone(value_model)(input_ids=input_ids, attention_mask=attention_mask,
-                                               position_ids=position_ids).last_hidden_state[:, -keep:]
-    return base.score(hidden).squeeze(-1).float()
+    return head_outputs(value_model, input_ids, attention_mask, keep).squeeze(-1).float()
 
 
 class PolicyAndValue(nn.Module):
@@ -80,8 +76,7 @@ class PolicyAndValue(nn.Module):
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
         """V(s_t) for the states before each response token."""
-        pos = position_ids_of(attention_mask)
-        return token_values(self.value, input_ids, attention_mask, pos, n_response + 1)[:, :-1]
+        return token_values(self.value, input_ids, attention_mask, n_response + 1)[:, :-1]
 
 
 class SideThread:
@@ -213,6 +208,10 @@ class PPOTrainer:
         use_side = (cfg.parallel_value and self.world == 1 and self.device.type == "cpu" and threads >= 2
                     and n_params < SIDE_THREAD_MAX_PARAMS)
         self.side = SideThread(threads) if use_side else None
+        # With one minibatch the first PPO step runs the rollout's weights on the whole batch: the
+        # rollout's policy and value forwards, kept with their graphs, are that step's forwards.
+        self.reuse_rollout_forward = (cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1
+                                      and self.world == 1)
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -283,12 +282,13 @@ class PPOTrainer:
         cfg, inner = self.cfg, self.inner
         t0 = time.perf_counter()
         inner.eval()
+        reuse = self.reuse_rollout_forward  # the policy forward runs anyway: nothing to record
+        record = cfg.logprobs_from_generation and not reuse
         # recording log-probs while sampling: in the update's numerics (autocast), so first ratios are 1
-        with self.acc.autocast() if cfg.logprobs_from_generation else nullcontext():
+        with self.acc.autocast() if record else nullcontext():
             g = generate(inner.policy, self.tok, prompts, max_new_tokens=cfg.response_length, do_sample=True,
                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                         prompt_ids=[self._prompt_ids(p) for p in prompts],
-                         record_logprobs=cfg.logprobs_from_generation)
+                         prompt_ids=[self._prompt_ids(p) for p in prompts], record_logprobs=record)
         t_gen = time.perf_counter() - t0
         if self.stops:
             mask, has_stop = core.response_mask(g.response, self.stops, self.tok.pad_token_id)
@@ -300,22 +300,26 @@ class PPOTrainer:
         att = torch.cat([g.query_mask.to(self.device), torch.ones_like(response)], 1)
         t1 = time.perf_counter()
 
+        if reuse:
+            inner.train()  # as in the update (dropout is off, so the numbers are the same either way)
+
         def score_and_values() -> tuple[torch.Tensor, torch.Tensor, float]:
-            with torch.no_grad():
+            with torch.no_grad():  # grad mode is per thread: this may run on the side thread
                 scores = self._score(prompts, g.texts, has_stop)
-                t_score = time.perf_counter() - t1
-                with self.acc.autocast():
-                    return scores, inner.values(ids, att, n_resp), t_score
+            t_score = time.perf_counter() - t1
+            with torch.set_grad_enabled(reuse), self.acc.autocast():
+                return scores, inner.values(ids, att, n_resp), t_score
 
         def policy_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            with torch.no_grad(), self.acc.autocast():
+            with self.acc.autocast():
                 if g.logprobs is not None:  # recorded while sampling: no second pass over the policy
                     logp = g.logprobs[:, :n_resp].to(self.device)
                     entropy = core.masked_mean(g.entropy[:, :n_resp].to(self.device), mask)
                 else:
-                    logits = inner.policy_logits(ids, att, n_resp)
-                    logp = core.logprobs_of(logits, response, cfg.temperature)
-                    entropy = core.masked_mean(core.entropy_of(logits, cfg.temperature), mask)
+                    with torch.set_grad_enabled(reuse):
+                        logits = inner.policy_logits(ids, att, n_resp)
+                        logp = core.logprobs_of(logits, response, cfg.temperature)
+                    entropy = core.masked_mean(core.entropy_of(logits.detach(), cfg.temperature), mask)
                     del logits
                 return logp, entropy, self._ref_logprobs(ids, att, response, n_resp)
 
@@ -325,6 +329,8 @@ class PPOTrainer:
         else:
             scores, values, t_score = score_and_values()
             logp, entropy, ref_logp = policy_and_reference()
+        graphs = (logp, values) if reuse else None  # the first PPO step's forwards, with their graphs
+        logp, values = logp.detach(), values.detach()
         scores = scores.to(self.device)
         kl = core.kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
         rewards = core.per_token_rewards(scores, kl, mask, self.kl_coef)
@@ -336,7 +342,7 @@ class PPOTrainer:
         return {"ids": ids, "att": att, "response": response, "mask": mask, "n_resp": n_resp,
                 "logp": logp, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
                 "kl": kl.sum(1), "entropy": entropy, "has_stop": has_stop, "texts": g.texts, "prompts": prompts,
-                "t_gen": t_gen, "t_score": t_score, "t_fwd": t_fwd,
+                "t_gen": t_gen, "t_score": t_score, "t_fwd": t_fwd, "graphs": graphs,
                 "reward_parts": dict(getattr(self.reward_fn, "last", {}))}
 
     def _prompt_ids(self, prompt: list[dict[str, str]]) -> list[int]:
@@ -371,22 +377,30 @@ class PPOTrainer:
         mb = n // cfg.num_mini_batches
         micro = mb // cfg.gradient_accumulation_steps
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + update)  # minibatch order: resumable
+        graphs = batch.pop("graphs", None)  # the rollout's forwards: the first step's, rows in order
         stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac",
                                                          "grad_norm_policy", "grad_norm_value")}
-        for _epoch in range(cfg.num_ppo_epochs):
+        for epoch in range(cfg.num_ppo_epochs):
             perm = torch.randperm(n, generator=gen)
+            if graphs is not None and epoch == 0:
+                perm = torch.arange(n)  # one minibatch: the order only changes the float rounding
             stop_epoch = False
             for start in range(0, n, mb):
                 for k in range(start, start + mb, micro):
                     idx = perm[k:k + micro].to(self.device)
                     sync = k + micro >= start + mb
+                    new_logp, values = graphs if graphs is not None else (None, None)
+                    graphs = None
                     if self.side:  # the same losses and gradients, the two models on two threads
-                        (vf_loss, vst), (pg_loss, pst) = self.side.run(partial(self._value_step, batch, idx, update),
-                                                                       partial(self._policy_step, batch, idx, update))
+                        (vf_loss, vst), (pg_loss, pst) = self.side.run(
+                            partial(self._value_step, batch, idx, update, values),
+                            partial(self._policy_step, batch, idx, update, new_logp))
                     else:
                         with (nullcontext() if sync or self.world == 1 else self.model.no_sync()):
-                            logits, values = self.model(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
-                            pg_loss, pst = self._policy_loss(batch, idx, logits)
+                            if new_logp is None:
+                                logits, values = self.model(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
+                                new_logp = self._new_logprobs(batch, idx, logits)
+                            pg_loss, pst = self._policy_loss(batch, idx, new_logp)
                             vf_loss, vst = self._value_loss(batch, idx, values)
                             loss = pg_loss + cfg.vf_coef * vf_loss
                             self._check_finite(loss, update)
@@ -410,9 +424,11 @@ class PPOTrainer:
         self.scheduler.step()
         return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
 
+    def _new_logprobs(self, batch: dict[str, Any], idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return core.logprobs_of(logits, batch["response"][idx], self.cfg.temperature)
+
     def _policy_loss(self, batch: dict[str, Any], idx: torch.Tensor,
-                     logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        new_logp = core.logprobs_of(logits, batch["response"][idx], self.cfg.temperature)
+                     new_logp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return core.policy_loss(new_logp, batch["logp"][idx], batch["advantages"][idx], batch["mask"][idx],
                                 self.cfg.cliprange)
 
@@ -426,18 +442,23 @@ class PPOTrainer:
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss ({loss.item()}) at update {update}")
 
-    def _policy_step(self, batch: dict[str, Any], idx: torch.Tensor, update: int) -> tuple[torch.Tensor, Any]:
-        """Forward and backward of the policy's loss alone (the side thread does the value's)."""
-        with self.acc.autocast():
-            logits = self.inner.policy_logits(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
-        pg_loss, pst = self._policy_loss(batch, idx, logits)
+    def _policy_step(self, batch: dict[str, Any], idx: torch.Tensor, update: int,
+                     new_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        """Forward (unless given) and backward of the policy's loss alone (the side thread does the value's)."""
+        if new_logp is None:
+            with self.acc.autocast():
+                logits = self.inner.policy_logits(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
+            new_logp = self._new_logprobs(batch, idx, logits)
+        pg_loss, pst = self._policy_loss(batch, idx, new_logp)
         self._check_finite(pg_loss, update)
         self.acc.backward(pg_loss / self.cfg.gradient_accumulation_steps)
         return pg_loss, pst
 
-    def _value_step(self, batch: dict[str, Any], idx: torch.Tensor, update: int) -> tuple[torch.Tensor, Any]:
-        with self.acc.autocast():
-            values = self.inner.values(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
+    def _value_step(self, batch: dict[str, Any], idx: torch.Tensor, update: int,
+                    values: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        if values is None:
+            with self.acc.autocast():
+                values = self.inner.values(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
         vf_loss, vst = self._value_loss(batch, idx, values)
         self._check_finite(vf_loss, update)
         self.acc.backward(self.cfg.vf_coef * vf_loss / self.cfg.gradient_accumulation_steps)

@@ -1,11 +1,17 @@
-"""The last decoder layer run only at the positions PPO reads (rlhf.models.tail)."""
+"""The lean decoder forward (rlhf.models.decoder): equal to the model's own, doing less."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlhf.models.tail import causal_logits, position_ids_of, sequence_scores, supports_tail, tail_only
+from rlhf.models.decoder import (
+    causal_logits,
+    head_outputs,
+    next_token_logits,
+    position_ids_of,
+    supports_lean,
+)
 
 SIZES = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64, "pad_token_id": 0}
@@ -38,37 +44,36 @@ def _full_logits(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor) -
 
 
 @pytest.mark.parametrize("arch", ["Qwen2", "Llama"])
-def test_causal_logits_equal_the_full_forward_and_skip_the_prompt(arch: str) -> None:
+def test_causal_logits_equal_the_models_own_and_skip_the_prompt_in_the_last_layer(arch: str) -> None:
     model = _model(arch, "CausalLM")
+    assert supports_lean(model)
     ids, att = _batch()
     rows_seen: list[int] = []
-    last = model.model.layers[-1]
-    hook = last.mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[1]))
+    hooks = [layer.mlp.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[1]))
+             for layer in model.model.layers]
     full = _full_logits(model, ids, att)[:, -4:]
-    with tail_only(model, 4, att) as applied:
-        assert applied
-    tail = causal_logits(model, ids, att, 4)
-    hook.remove()
-    assert rows_seen == [12, 4]  # the full forward's MLP saw 12 positions, the tail's 4
-    assert tail.shape == full.shape
-    torch.testing.assert_close(tail, full, atol=1e-5, rtol=1e-5)
-    assert "forward" not in vars(last)  # the layer is itself again afterwards
+    lean = causal_logits(model, ids, att, 4)
+    for hook in hooks:
+        hook.remove()
+    assert rows_seen == [12, 12, 12, 4]  # the model's own forward: 12 positions in both layers; lean: 12, then 4
+    assert lean.shape == full.shape
+    torch.testing.assert_close(lean, full, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_equal_the_full_forward() -> None:
+def test_gradients_equal_the_models_own() -> None:
     ids, att = _batch()
     weights = torch.randn(3, 4, SIZES["vocab_size"], generator=torch.Generator().manual_seed(2))
     grads = []
-    for tail in (False, True):
+    for lean in (False, True):
         model = _model("Qwen2", "CausalLM").train()
-        logits = causal_logits(model, ids, att, 4) if tail else _full_logits(model, ids, att)[:, -4:]
+        logits = causal_logits(model, ids, att, 4) if lean else _full_logits(model, ids, att)[:, -4:]
         (logits * weights).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
-def test_sequence_scores_equal_the_classifier_read_at_the_last_token() -> None:
+def test_head_outputs_equal_the_classifier_read_at_the_last_token() -> None:
     model = _model("Qwen2", "SequenceClassification")
     ids, att = _batch()
     # the classifier's own forward on the same rows right-padded: it reads the last non-pad token
@@ -77,38 +82,50 @@ def test_sequence_scores_equal_the_classifier_read_at_the_last_token() -> None:
         n = int(att[row].sum())
         right_ids[row, :n], right_att[row, :n] = ids[row, -n:], 1
     expected = model(input_ids=right_ids, attention_mask=right_att).logits
-    torch.testing.assert_close(sequence_scores(model, ids, att), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(head_outputs(model, ids, att, 1)[:, 0], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_lora_model_and_disabled_adapter() -> None:
+def test_lora_model_and_its_disabled_adapter() -> None:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)  # non-zero adapters
     model = get_peft_model(_model("Qwen2", "CausalLM"), lora)
     ids, att = _batch()
-    torch.testing.assert_close(causal_logits(model, ids, att, 3), _full_logits(model, ids, att)[:, -3:],
-                               atol=1e-5, rtol=1e-5)
+    with_adapter = causal_logits(model, ids, att, 3)
+    torch.testing.assert_close(with_adapter, _full_logits(model, ids, att)[:, -3:], atol=1e-5, rtol=1e-5)
     with model.disable_adapter():
-        torch.testing.assert_close(causal_logits(model, ids, att, 3), _full_logits(model, ids, att)[:, -3:],
-                                   atol=1e-5, rtol=1e-5)
+        without = causal_logits(model, ids, att, 3)
+        torch.testing.assert_close(without, _full_logits(model, ids, att)[:, -3:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(with_adapter, without, atol=1e-3)
 
 
-def test_gradient_checkpointing_runs_the_plain_forward() -> None:
-    """Its backward re-runs the layer after the block has ended, so the tail must not be used."""
+@pytest.mark.parametrize("arch", ["Qwen2", "GPT2"])
+def test_one_token_at_a_time_equals_the_whole_sequence(arch: str) -> None:
+    """Keys and values carried from step to step (lean for Qwen2, the model's cache for GPT2)."""
+    if arch == "GPT2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+        assert not supports_lean(model)
+    else:
+        model = _model(arch, "CausalLM")
+    ids, att = _batch()
+    with torch.no_grad():
+        logits, past = next_token_logits(model, ids[:, :8], att[:, :8])
+        steps = [logits]
+        for t in range(8, 12):
+            logits, past = next_token_logits(model, ids[:, t:t + 1], att[:, :t + 1], past)
+            steps.append(logits)
+        full = _full_logits(model, ids, att)[:, 7:]
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_runs_the_models_own_forward() -> None:
     model = _model("Qwen2", "CausalLM").train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert not supports_tail(model)
+    assert not supports_lean(model)
     ids, att = _batch()
     logits = causal_logits(model, ids, att, 4)
-    logits.sum().backward()  # would fail on a shape mismatch if the tail had been used
+    logits.sum().backward()
     assert logits.shape == (3, 4, SIZES["vocab_size"])
-
-
-def test_unsupported_models_fall_back() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
-    assert not supports_tail(model)
-    ids, att = _batch()
-    logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_of(att)).logits[:, -2:]
-    torch.testing.assert_close(causal_logits(model, ids, att, 2), logits)

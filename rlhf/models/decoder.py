@@ -1,0 +1,137 @@
+"""A lean forward for Llama-style decoders (Qwen2, Llama), shared by PPO, scoring and sampling.
+
+Two savings over calling the model:
+- The last layer runs only where its output is read. PPO reads the policy's logits and the values at
+  the response positions only, and the reward at the last position only. Earlier layers must run
+  everywhere (the last layer's keys and values need them), but the last layer's queries, attention
+  output and MLP are only needed at the kept positions. With the chip task's ~40-token prompts and
+  short answers, that is most of the last layer, in the forward and the backward: a quarter of the
+  matrix products of a 4-layer model.
+- One mask and one rotary table per call, and no per-layer wrappers: about 0.6 ms less per forward of
+  a 2-layer model, where such overhead is a third of the time.
+
+The layers' own modules (norms, projections with any LoRA or 4-bit wrappers, MLP, rotary embedding)
+do the work, so the result equals the model's own forward within float rounding (tested, logits
+and gradients). Models of other architectures, with sliding-window attention or attention dropout,
+and models under gradient checkpointing fall back to the model's own forward.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_LAYERS = {"Qwen2DecoderLayer", "LlamaDecoderLayer"}
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def decoder_backbone(model: nn.Module) -> nn.Module:
+    """The transformer body (embeddings, layers, final norm) inside a causal LM, a sequence
+    classifier or a peft wrapper of either."""
+    base = unwrap(model)
+    return getattr(base, base.base_model_prefix, base)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports_lean(model: nn.Module) -> bool:
+    backbone = decoder_backbone(model)
+    config, layers = getattr(backbone, "config", None), getattr(backbone, "layers", None)
+    if config is None or layers is None or len(layers) != config.num_hidden_layers:
+        return False
+    if getattr(backbone, "gradient_checkpointing", False) or getattr(config, "attention_dropout", 0.0):
+        return False
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None)
+                                                                               or []):
+        return False
+    return all(type(layer).__name__ in SUPPORTED_LAYERS for layer in layers)
+
+
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generate() uses them, so log-probs match sampling."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                   past: KeyValues | None = None, return_key_values: bool = False
+                   ) -> tuple[torch.Tensor, KeyValues | None]:
+    """Final hidden states [B, keep, D] at the last `keep` positions of `input_ids` (left-padded),
+    for a model where supports_lean() holds.
+
+    past: keys and values per layer of earlier tokens (from return_key_values); `attention_mask`
+    then covers the earlier tokens and the new ones, [B, P + T]. return_key_values: also the keys
+    and values per layer over past and new tokens (for sampling one token at a time)."""
+    backbone = decoder_backbone(model)
+    layers = backbone.layers
+    batch, seq = input_ids.shape
+    n_past = past[0][0].shape[2] if past else 0
+    keep = min(keep, seq)
+    h = backbone.embed_tokens(input_ids)
+    cos, sin = backbone.rotary_emb(h, position_ids_of(attention_mask)[:, n_past:])
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    # causal over absolute positions, no attention to padding (a padding query, which sees nothing,
+    # gets zeros from scaled_dot_product_attention, not NaN)
+    key_pos = torch.arange(n_past + seq, device=h.device)
+    allowed = (key_pos <= key_pos[n_past:, None]) & attention_mask[:, None, :].bool()
+    allowed = allowed[:, None]  # [B, 1, T, P + T]
+    rotate_half = sys.modules[type(layers[0].self_attn).__module__].rotate_half
+    key_values: KeyValues = []
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        n = keep if i == len(layers) - 1 else seq  # the last layer only where it is read
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x[:, -n:]).view(batch, n, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(batch, seq, -1, attn.head_dim).transpose(1, 2)
+        q = q * cos[:, :, -n:] + rotate_half(q) * sin[:, :, -n:]
+        k = k * cos + rotate_half(k) * sin
+        if past:
+            k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
+        if return_key_values:
+            key_values.append((k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, :, -n:], scale=attn.scaling,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        h = h[:, -n:] + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return backbone.norm(h), key_values if return_key_values else None
+
+
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """A causal LM's logits [B, keep, V] at the last `keep` positions of left-padded inputs."""
+    if supports_lean(model):
+        return unwrap(model).get_output_embeddings()(decoder_hidden(model, input_ids, attention_mask, keep)[0])
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
+                 logits_to_keep=keep).logits[:, -keep:]
+
+
+def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """A sequence classifier's head (`score`) applied at each of the last `keep` positions of
+    left-padded inputs: [B, keep, labels]. keep=1 is the classifier's own reading of a sequence."""
+    if supports_lean(model):
+        hidden = decoder_hidden(model, input_ids, attention_mask, keep)[0]
+    else:
+        hidden = decoder_backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                         position_ids=position_ids_of(attention_mask)).last_hidden_state[:, -keep:]
+    return unwrap(model).score(hidden)
+
+
+def next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      past: Any = None) -> tuple[torch.Tensor, Any]:
+    """Logits [B, V] for the token after `input_ids` and the state to pass back for the next step
+    (`past`: None for the prompt, then what the previous call returned; `attention_mask` covers the
+    past and the new tokens)."""
+    if supports_lean(model):
+        hidden, key_values = decoder_hidden(model, input_ids, attention_mask, 1, past=past, return_key_values=True)
+        return unwrap(model).get_output_embeddings()(hidden)[:, -1], key_values
+    n_past = attention_mask.shape[1] - input_ids.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_of(attention_mask)[:, n_past:], cache=past, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1], out.cache
