@@ -12,7 +12,7 @@ import torch
 
 from rlhf.chips import ACTIONS, AdviceParseError, parse_advice, rule_action, spec_from_prompt
 from rlhf.models import stop_token_ids
-from rlhf.models.decoder import next_token_logits
+from rlhf.models.decoder import key_values, next_token_logits, supports_lean
 
 
 def chat_ids(tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
@@ -44,12 +44,14 @@ class Generated:
     has_stop: list[bool]
     logprobs: torch.Tensor | None = None  # [B, Tr] log p(token) at the temperature, with record_logprobs
     entropy: torch.Tensor | None = None  # [B, Tr] entropy of each step's distribution, with record_logprobs
+    prompt_state: Any = None  # keys and values of query[:, :-1], with keep_prompt_state
 
 
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             prompt_ids: list[list[int]] | None = None, record_logprobs: bool = False) -> Generated:
+             prompt_ids: list[list[int]] | None = None, record_logprobs: bool = False,
+             keep_prompt_state: bool = False, prompt_state_grad: bool = False) -> Generated:
     """Sample (or greedily decode) answers, one token per step with the keys and values kept, until
     every row has stopped; `prompt_ids`: the prompts already rendered and tokenized.
 
@@ -57,7 +59,12 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
     model's own generation_config defaults (a Qwen2.5-Instruct one would add top-k 20 and a
     repetition penalty, which PPO's log-probs would not know about). `record_logprobs` (sampling
     only): also each sampled token's log-prob and each step's entropy under the whole distribution
-    at the temperature, which is what a forward pass over the finished rollout gives."""
+    at the temperature, which is what a forward pass over the finished rollout gives.
+
+    keep_prompt_state (models where rlhf.models.decoder.supports_lean holds): also return the keys and
+    values of every prompt token but the last, computed with gradients if `prompt_state_grad`, so a
+    forward over the rest (the last prompt token and the response) can continue from them instead of
+    running the prompt again."""
     from transformers import TopKLogitsWarper, TopPLogitsWarper
 
     stops = stop_token_ids(tok)
@@ -67,7 +74,13 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
                            TopPLogitsWarper(top_p) if do_sample and top_p < 1.0 else None) if w is not None]
     stop_ids = torch.tensor(stops, device=device)
     att = query_mask.to(device)
-    logits, past = next_token_logits(model, query.to(device), att)
+    prompt_state = None
+    if keep_prompt_state and query.shape[1] > 1 and supports_lean(model):
+        with torch.set_grad_enabled(prompt_state_grad):
+            prompt_state = key_values(model, query[:, :-1].to(device), att[:, :-1])
+        logits, past = next_token_logits(model, query[:, -1:].to(device), att, prompt_state)
+    else:
+        logits, past = next_token_logits(model, query.to(device), att)
     finished = torch.zeros(len(query), dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
@@ -105,7 +118,7 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
         cut = next((i for i, t in enumerate(row) if t in stops), None)
         has_stop.append(cut is not None)
         texts.append(tok.decode(row[:cut] if cut is not None else row, skip_special_tokens=True))
-    return Generated(query, query_mask, response, texts, has_stop, **recorded)
+    return Generated(query, query_mask, response, texts, has_stop, **recorded, prompt_state=prompt_state)
 
 
 def judge(prompt_text: str, response: str, has_stop: bool = True) -> tuple[bool, bool, str | None]:

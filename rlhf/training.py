@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,18 @@ import torch
 GRADIENT_CHECKPOINTING_HELP = ("recompute activations in the backward pass: less memory, more compute. TRL turns "
                                "it on by default; with LoRA it also sends the backward through every layer "
                                "(measured: 3x slower steps on SmolLM2)")
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's CPU thread count set to `n` for a block, and given back after it: a library call must
+    not leave the next stage in the same process (a test suite, the pipeline) with fewer threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:

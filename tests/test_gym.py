@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 from ollama_server import Faults, LoopbackOllama
 
@@ -207,7 +208,9 @@ def test_short_training_beats_random_and_eval_reloads_without_pickle(tmp_path: P
     from rlhf.gym.train import GymEvalConfig, GymTrainConfig, load_agent, run_eval, run_train
 
     out = tmp_path / "agent"
-    m = run_train(GymTrainConfig(output_dir=str(out), total_timesteps=6144, eval_episodes=20, seed=0))
+    threads = torch.get_num_threads()
+    m = run_train(GymTrainConfig(output_dir=str(out), total_timesteps=6144, eval_episodes=20, seed=0, torch_threads=1))
+    assert torch.get_num_threads() == threads  # its 1 thread is given back (the next stage in-process keeps its own)
     for key in ("mean_return", "random_mean_return", "oracle_mean_return", "gap_closed", "train_seconds"):
         assert key in m
     assert m["mean_return"] > m["random_mean_return"] + 1.0

@@ -212,12 +212,35 @@ def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, 
     assert gen["pg_loss"] == pytest.approx(fwd["pg_loss"], abs=1e-5)
 
 
+def _run_without(attr: str, monkeypatch: pytest.MonkeyPatch, cfg: PPOConfig) -> None:
+    """A run with one of the trainer's shortcuts turned off."""
+    from rlhf.ppo.trainer import PPOTrainer
+
+    init = PPOTrainer.__init__
+
+    def without(self: PPOTrainer, cfg: PPOConfig) -> None:
+        init(self, cfg)
+        assert getattr(self, attr) is True  # on by default for this set-up
+        setattr(self, attr, False)
+
+    monkeypatch.setattr(PPOTrainer, "__init__", without)
+    run(cfg)
+    monkeypatch.setattr(PPOTrainer, "__init__", init)
+
+
+def _same_updates(a: Path, b: Path) -> None:
+    for row_a, row_b in zip(logged(a), logged(b), strict=True):
+        for key in ("score_mean", "kl", "entropy", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "grad_norm_policy",
+                    "grad_norm_value"):
+            assert row_a[key] == pytest.approx(row_b[key], rel=1e-4, abs=1e-6), key
+
+
 def test_one_minibatch_reuses_the_rollout_forward(tiny_stack: dict[str, str], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """With one minibatch the first PPO step sees the rollout's weights and the whole batch, so the
     rollout's policy and value forwards (kept with their graphs) are that step's: one pass fewer of
     each model per update, and the same update as recomputing them, within rounding."""
-    from rlhf.ppo.trainer import PolicyAndValue, PPOTrainer
+    from rlhf.ppo.trainer import PolicyAndValue
 
     calls = {"policy": 0, "value": 0}
     for name, key in (("policy_logits", "policy"), ("values", "value")):
@@ -228,21 +251,39 @@ def test_one_minibatch_reuses_the_rollout_forward(tiny_stack: dict[str, str], tm
             return _original(self, *a)
 
         monkeypatch.setattr(PolicyAndValue, name, counted)
-    args = {"total_episodes": 16, "eval_prompts": 0}
-    run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "reuse", **args), "t"))
-    reused, calls = dict(calls), calls.update(policy=0, value=0) or calls
-    init = PPOTrainer.__init__
-
-    def no_reuse(self: PPOTrainer, cfg: PPOConfig) -> None:
-        init(self, cfg)
-        self.reuse_rollout_forward = False
-
-    monkeypatch.setattr(PPOTrainer, "__init__", no_reuse)
-    run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "again", **args), "t"))
+    args = ppo_args(tiny_stack, tmp_path / "reuse", total_episodes=16, eval_prompts=0)
+    run(build(PPOConfig, args, "t"))
+    reused = dict(calls)
+    calls.update(policy=0, value=0)
+    again = build(PPOConfig, {**args, "output_dir": str(tmp_path / "b")}, "t")
+    _run_without("reuse_rollout_forward", monkeypatch, again)
     assert calls["policy"] - reused["policy"] == 2 and calls["value"] - reused["value"] == 2  # 2 updates
-    for a, b in zip(logged(tmp_path / "reuse"), logged(tmp_path / "again")):
-        for key in ("score_mean", "kl", "pg_loss", "vf_loss", "approx_kl", "clipfrac", "grad_norm_policy"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    _same_updates(tmp_path / "reuse", tmp_path / "b")
+
+
+def test_prompts_read_while_sampling(tiny_stack: dict[str, str], tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the side thread, the value model reads each prompt while the policy samples, and the
+    policy keeps its prompt state from sampling; the rollout's forwards then run only the last prompt
+    token and the response. Same updates as reading whole rollouts, within rounding."""
+    import rlhf.generation
+    import rlhf.ppo.trainer
+
+    states = {"n": 0}
+    for module in (rlhf.generation, rlhf.ppo.trainer):
+        original = module.key_values
+
+        def counted(*a: Any, _original: Any = original) -> Any:
+            states["n"] += 1
+            return _original(*a)
+
+        monkeypatch.setattr(module, "key_values", counted)
+    args = ppo_args(tiny_stack, tmp_path / "split", total_episodes=16, eval_prompts=0)
+    run(build(PPOConfig, args, "t"))
+    assert states["n"] == 4  # per update: the policy's prompt state (sampling) and the value model's
+    _run_without("split_prompt", monkeypatch, build(PPOConfig, {**args, "output_dir": str(tmp_path / "b")}, "t"))
+    assert states["n"] == 4
+    _same_updates(tmp_path / "split", tmp_path / "b")
 
 
 @pytest.mark.parametrize("top_k", [0, 3])

@@ -231,13 +231,18 @@ def _finish(output_dir: Path, returns: dict[str, list[float]], extra: dict[str, 
 
 
 def run_train(cfg: GymTrainConfig) -> dict[str, Any]:
-    import torch
+    from rlhf.training import torch_threads
+
+    with torch_threads(cfg.torch_threads):
+        return _train(cfg)
+
+
+def _train(cfg: GymTrainConfig) -> dict[str, Any]:
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
 
     from rlhf.gym.chip_env import OBS_SCALE
 
-    torch.set_num_threads(cfg.torch_threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     env_cfg = {"judge": cfg.judge, "ollama_model": cfg.ollama_model, "ollama_host": cfg.ollama_host,
@@ -275,9 +280,13 @@ def run_train(cfg: GymTrainConfig) -> dict[str, Any]:
 
 
 def run_eval(cfg: GymEvalConfig) -> dict[str, Any]:
-    import torch
+    from rlhf.training import torch_threads
 
-    torch.set_num_threads(cfg.torch_threads)
+    with torch_threads(cfg.torch_threads):
+        return _eval(cfg)
+
+
+def _eval(cfg: GymEvalConfig) -> dict[str, Any]:
     meta_path = Path(cfg.model_dir) / AGENT_META
     try:
         env_cfg = json.loads(meta_path.read_text(encoding="utf-8"))["env"]

@@ -103,23 +103,34 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return backbone.norm(h), key_values if return_key_values else None
 
 
-def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """A causal LM's logits [B, keep, V] at the last `keep` positions of left-padded inputs."""
-    if supports_lean(model):
-        return unwrap(model).get_output_embeddings()(decoder_hidden(model, input_ids, attention_mask, keep)[0])
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                  past: KeyValues | None = None) -> torch.Tensor:
+    """A causal LM's logits [B, keep, V] at the last `keep` positions of left-padded inputs.
+    past: the keys and values of the tokens before `input_ids` (see decoder_hidden)."""
+    if past is not None or supports_lean(model):
+        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past)[0]
+        return unwrap(model).get_output_embeddings()(hidden)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
                  logits_to_keep=keep).logits[:, -keep:]
 
 
-def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                 past: KeyValues | None = None) -> torch.Tensor:
     """A sequence classifier's head (`score`) applied at each of the last `keep` positions of
     left-padded inputs: [B, keep, labels]. keep=1 is the classifier's own reading of a sequence."""
-    if supports_lean(model):
-        hidden = decoder_hidden(model, input_ids, attention_mask, keep)[0]
+    if past is not None or supports_lean(model):
+        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past)[0]
     else:
         hidden = decoder_backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids_of(attention_mask)).last_hidden_state[:, -keep:]
     return unwrap(model).score(hidden)
+
+
+def key_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> KeyValues:
+    """Keys and values per layer of left-padded tokens, to continue from with `past` (lean models)."""
+    kv = decoder_hidden(model, input_ids, attention_mask, 1, return_key_values=True)[1]
+    assert kv is not None
+    return kv
 
 
 def next_token_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
