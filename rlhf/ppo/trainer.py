@@ -192,16 +192,20 @@ class PPOTrainer:
         self.num_updates = cfg.total_episodes // cfg.batch_size
         self._policy_params = [p for p in self.model.policy.parameters() if p.requires_grad]
         self._value_params = [p for p in self.model.value.parameters() if p.requires_grad]
-        params = self._policy_params + self._value_params
+        # One optimizer per model, so each thread steps its own model (the two states are what one
+        # optimizer over both would hold: AdamW keeps no state across parameters).
         # eps as in transformers/TRL (1e-8): per-token-mean losses give tiny gradients, and the larger
         # eps common in RL code (1e-5) silently shrinks the steps (measured: no learning in 6k episodes)
         # fused: one kernel for all tensors instead of a Python loop over them (measured on CPU: an
         # optimizer step 1.8 -> 0.3 ms on the 134k-parameter bench model, 28-58 -> 8-12 ms at 3M)
-        fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-8, weight_decay=0.0, fused=fused)
         schedule = (lambda u: 1.0) if cfg.lr_schedule == "constant" else (lambda u: 1.0 - u / self.num_updates)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        optimizers = []
+        for params in (self._policy_params, self._value_params):
+            fused = all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+            optimizers.append(torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-8, weight_decay=0.0,
+                                                fused=fused))
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, schedule) for opt in optimizers]
+        self.model, *self.optimizers = self.acc.prepare(self.model, *optimizers)
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
         self.kl_coef = cfg.kl_coef
         self.start_update = 0
@@ -423,10 +427,10 @@ class PPOTrainer:
                     sync = k + micro >= start + mb
                     new_logp, values = graphs if graphs is not None else (None, None)
                     graphs = None
-                    if self.side:  # the same losses and gradients, the two models on two threads
+                    if self.side:  # the same losses and steps, the two models on two threads
                         (vf_loss, vst), (pg_loss, pst) = self.side.run(
-                            partial(self._value_step, batch, idx, update, values),
-                            partial(self._policy_step, batch, idx, update, new_logp))
+                            partial(self._value_step, batch, idx, update, values, sync),
+                            partial(self._policy_step, batch, idx, update, new_logp, sync))
                     else:
                         with (nullcontext() if sync or self.world == 1 else self.model.no_sync()):
                             if new_logp is None:
@@ -437,15 +441,13 @@ class PPOTrainer:
                             loss = pg_loss + cfg.vf_coef * vf_loss
                             self._check_finite(loss, update)
                             self.acc.backward(loss / cfg.gradient_accumulation_steps)
+                        if sync:
+                            pst["grad_norm"], vst["grad_norm"] = self._optimizer_step(0), self._optimizer_step(1)
                     for key, val in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", pst["clipfrac"]),
                                      ("approx_kl", pst["approx_kl"]), ("vf_clipfrac", vst["vf_clipfrac"])):
                         stats[key].append(float(val.detach()))
-                # Clip policy and value separately: one joint norm lets a large value gradient (early,
-                # while values are far off) shrink the policy's step as well.
-                for key, group in (("grad_norm_policy", self._policy_params), ("grad_norm_value", self._value_params)):
-                    stats[key].append(float(self.acc.clip_grad_norm_(group, cfg.max_grad_norm)))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                stats["grad_norm_policy"].append(float(pst["grad_norm"]))
+                stats["grad_norm_value"].append(float(vst["grad_norm"]))
                 if cfg.early_stop_kl > 0:
                     akl = self.acc.reduce(torch.tensor(stats["approx_kl"][-1], device=self.device), "mean")
                     if float(akl) > cfg.early_stop_kl:
@@ -453,8 +455,19 @@ class PPOTrainer:
                         break
             if stop_epoch:
                 break
-        self.scheduler.step()
+        for scheduler in self.schedulers:
+            scheduler.step()
         return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+
+    def _optimizer_step(self, which: int) -> torch.Tensor:
+        """Clip one model's gradient and step its optimizer (0: policy, 1: value); returns the norm.
+        Each model is clipped on its own: one joint norm lets a large value gradient (early, while the
+        values are far off) shrink the policy's step as well."""
+        params = (self._policy_params, self._value_params)[which]
+        norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizers[which].step()
+        self.optimizers[which].zero_grad(set_to_none=True)
+        return norm
 
     def _new_logprobs(self, batch: dict[str, Any], idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return core.logprobs_of(logits, batch["response"][idx], self.cfg.temperature)
@@ -475,8 +488,9 @@ class PPOTrainer:
             raise FloatingPointError(f"non-finite loss ({loss.item()}) at update {update}")
 
     def _policy_step(self, batch: dict[str, Any], idx: torch.Tensor, update: int,
-                     new_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-        """Forward (unless given) and backward of the policy's loss alone (the side thread does the value's)."""
+                     new_logp: torch.Tensor | None = None, step: bool = False) -> tuple[torch.Tensor, Any]:
+        """Forward (unless given) and backward of the policy's loss alone (the side thread does the
+        value's), then its optimizer step if `step` (the minibatch's last micro-batch)."""
         if new_logp is None:
             with self.acc.autocast():
                 logits = self.inner.policy_logits(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
@@ -484,16 +498,20 @@ class PPOTrainer:
         pg_loss, pst = self._policy_loss(batch, idx, new_logp)
         self._check_finite(pg_loss, update)
         self.acc.backward(pg_loss / self.cfg.gradient_accumulation_steps)
+        if step:
+            pst["grad_norm"] = self._optimizer_step(0)
         return pg_loss, pst
 
     def _value_step(self, batch: dict[str, Any], idx: torch.Tensor, update: int,
-                    values: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+                    values: torch.Tensor | None = None, step: bool = False) -> tuple[torch.Tensor, Any]:
         if values is None:
             with self.acc.autocast():
                 values = self.inner.values(batch["ids"][idx], batch["att"][idx], batch["n_resp"])
         vf_loss, vst = self._value_loss(batch, idx, values)
         self._check_finite(vf_loss, update)
         self.acc.backward(self.cfg.vf_coef * vf_loss / self.cfg.gradient_accumulation_steps)
+        if step:
+            vst["grad_norm"] = self._optimizer_step(1)
         return vf_loss, vst
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -511,7 +529,8 @@ class PPOTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             torch.save({"model": {k: v for k, v in self.inner.state_dict().items() if self._is_trainable(k)},
-                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                        "optimizers": [opt.state_dict() for opt in self.optimizers],
+                        "schedulers": [sch.state_dict() for sch in self.schedulers]},
                        tmp / "trainer.pt")
         self.acc.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
@@ -543,8 +562,13 @@ class PPOTrainer:
         if missing.unexpected_keys:
             raise UserError(f"{ck}: checkpoint does not match this model ({missing.unexpected_keys[0]}); "
                             "use a new --output_dir or the config it was written with")
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
+        if "optimizers" not in blob:
+            raise UserError(f"{ck}: written by an older rlhf (one optimizer for both models); "
+                            "start a new --output_dir")
+        for opt, sd in zip(self.optimizers, blob["optimizers"], strict=True):
+            opt.load_state_dict(sd)
+        for sch, sd in zip(self.schedulers, blob["schedulers"], strict=True):
+            sch.load_state_dict(sd)
         _set_rng_state(torch.load(ck / f"rng-{self.rank}.pt", weights_only=False))
         self.kl_coef = state["kl_coef"]
         if self.kl_ctl:
@@ -687,7 +711,7 @@ class PPOTrainer:
         t = torch.tensor(list(local.values()), device=self.device, dtype=torch.float64)
         t = self.acc.reduce(t, "mean") if self.world > 1 else t
         row: dict[str, Any] = {"update": update, **dict(zip(local, t.tolist()))}
-        row.update({"kl_coef": self.kl_coef, "lr": self.scheduler.get_last_lr()[0], "episodes_per_second": eps,
+        row.update({"kl_coef": self.kl_coef, "lr": self.schedulers[0].get_last_lr()[0], "episodes_per_second": eps,
                     "tokens_per_second": tps,
                     **{f"reward_{k}": v for k, v in b["reward_parts"].items()}})
         for k, v in row.items():
