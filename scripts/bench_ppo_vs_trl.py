@@ -71,12 +71,12 @@ def window_mean(values: list[float], head: bool) -> float:
 
 
 def run_trl(python: Path, model_dir: Path, a: argparse.Namespace, lora: bool, gc_freeze: bool, tag: str,
-            out: Path, env: dict[str, str]) -> dict[str, Any]:
+            out: Path, env: dict[str, str], seed: int) -> dict[str, Any]:
     res_path = out / f"{tag}.json"
     cmd = [str(python), str(RUNNER), "--model-dir", str(model_dir), "--batch-size", str(a.batch_size),
            "--ppo-epochs", str(a.ppo_epochs), "--response-length", str(a.response_length),
            "--episodes", str(a.episodes), "--lr", str(a.lr), "--kl-coef", str(a.kl_coef),
-           "--temperature", str(a.temperature), "--seed", str(a.seed), "--threads", str(a.threads),
+           "--temperature", str(a.temperature), "--seed", str(seed), "--threads", str(a.threads),
            "--lora-r", str(a.lora_r if lora else 0), "--json-out", str(res_path)]
     if gc_freeze:
         cmd.append("--gc-freeze")
@@ -84,7 +84,7 @@ def run_trl(python: Path, model_dir: Path, a: argparse.Namespace, lora: bool, gc
     if rc:
         raise SystemExit(f"TRL run {tag} failed (exit {rc}); see {out / f'{tag}.log'}")
     res = json.loads(res_path.read_text())
-    res.update(peak_rss_mb=rss, process_seconds=wall)
+    res.update(peak_rss_mb=rss, process_seconds=wall, seed=seed)
     return res
 
 
@@ -110,7 +110,7 @@ def reward_as_trained(src: Path, dst: Path) -> Path:
 
 
 def run_ours(model_dir: Path, a: argparse.Namespace, lora: bool, tag: str, out: Path,
-             env: dict[str, str]) -> dict[str, Any]:
+             env: dict[str, str], seed: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
@@ -129,10 +129,13 @@ def run_ours(model_dir: Path, a: argparse.Namespace, lora: bool, tag: str, out: 
             "normalize_reward": False,  # TRL feeds the raw reward-model score
             "missing_eos_penalty": 0.0,  # TRL 1.12's default is None: no penalty
             "eval_prompts": 0, "save_every": 0, "sample_every": 0, "report_to": "none", "resume": False,
-            "lr_schedule": "linear", "seed": a.seed,
+            "lr_schedule": "linear", "seed": seed,
             "value_head_init": a.value_head_init,
             "score_unfinished": a.score_unfinished,
         }
+        for item in a.ours_set:  # experiments: any of our PPO keys, e.g. max_grad_norm=1e9
+            key, _, value = item.partition("=")
+            cfg[key] = yaml.safe_load(value)
         cfg_path = Path(tmp) / "ppo.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
         rc, rss, wall = run_child([sys.executable, "-m", "rlhf", "ppo", "--config", str(cfg_path)],
@@ -148,17 +151,25 @@ def run_ours(model_dir: Path, a: argparse.Namespace, lora: bool, tag: str, out: 
         "tokens_per_second": m["tokens_per_second"], "time_split_seconds": m["time_split_seconds"],
         "score_start": window_mean(scores, True), "score_end": window_mean(scores, False),
         "kl_start": window_mean(kls, True), "kl_end": window_mean(kls, False),
-        "peak_rss_mb": rss, "process_seconds": wall,
+        "peak_rss_mb": rss, "process_seconds": wall, "seed": seed,
     }
     (out / f"{tag}.json").write_text(json.dumps(res, indent=1))
     return res
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median episodes/s (for an even count, the slower middle one)."""
+    """The run with the median episodes/s (for an even count, the slower middle one), plus the score
+    gain (end - start) per seed, their mean and spread, and how many seeds ended with KL > 3."""
     ranked = sorted(runs, key=lambda r: r["episodes_per_second"])
     pick = dict(ranked[(len(ranked) - 1) // 2])
     pick["episodes_per_second_all_runs"] = [round(r["episodes_per_second"], 2) for r in runs]
+    by_seed = {r["seed"]: r for r in runs}  # repeats of a seed give the same scores: one per seed
+    gains = [r["score_end"] - r["score_start"] for r in by_seed.values()]
+    mean = sum(gains) / len(gains)
+    pick["gain_by_seed"] = {seed: round(g, 3) for seed, g in zip(by_seed, gains)}
+    pick["gain_mean"] = mean
+    pick["gain_sd"] = (sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)) ** 0.5 if len(gains) > 1 else 0.0
+    pick["seeds_kl_over_3"] = sum(r["kl_end"] > 3 for r in by_seed.values())
     return pick
 
 
@@ -179,10 +190,20 @@ def markdown(case: str, sides: dict[str, dict[str, Any]]) -> str:
     for label, key, fmt in ROWS:
         cells = [fmt.format(sides[n][key]) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {ours[key] / anchor[key]:.2f}x |")
-    cells = [f"{sides[n]['score_start']:+.3f} -> {sides[n]['score_end']:+.3f}" for n in names]
-    gain = (ours["score_end"] - ours["score_start"]) / (anchor["score_end"] - anchor["score_start"] or float("nan"))
-    lines.append("| score start -> end | " + " | ".join(cells) + f" | gain {gain:.2f}x |")
-    lines.append("| KL end | " + " | ".join(f"{sides[n]['kl_end']:.3f}" for n in names) + " | |")
+    n_seeds = len(ours["gain_by_seed"])
+    if n_seeds == 1:
+        cells = [f"{sides[n]['score_start']:+.3f} -> {sides[n]['score_end']:+.3f}" for n in names]
+        gain = (ours["score_end"] - ours["score_start"]) / (anchor["score_end"] - anchor["score_start"] or float("nan"))
+        lines.append("| score start -> end | " + " | ".join(cells) + f" | gain {gain:.2f}x |")
+        lines.append("| KL end | " + " | ".join(f"{sides[n]['kl_end']:.3f}" for n in names) + " | |")
+    else:
+        cells = [f"{sides[n]['gain_mean']:+.3f} ({sides[n]['gain_sd']:.3f})" for n in names]
+        lines.append(f"| score gain, mean over {n_seeds} seeds (sd) | " + " | ".join(cells)
+                     + f" | {ours['gain_mean'] - anchor['gain_mean']:+.3f} |")
+        lines.append("| score gain by seed | " + " | ".join(
+            ", ".join(f"{g:+.2f}" for g in sides[n]["gain_by_seed"].values()) for n in names) + " | |")
+        lines.append(f"| seeds ending with KL > 3 (of {n_seeds}) | "
+                     + " | ".join(str(sides[n]["seeds_kl_over_3"]) for n in names) + " | |")
     lines.append("| episodes/s, every run | " + " | ".join(
         ", ".join(f"{x:.1f}" for x in sides[n]["episodes_per_second_all_runs"]) for n in names) + " | |")
     split = ours["time_split_seconds"]
@@ -211,16 +232,24 @@ def main() -> int:
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seeds", default="42", help="comma-separated; every seed runs --repeats times per side; "
+                    "with several, the score gain is reported as a mean over seeds (one seed is one sample of "
+                    "a chaotic process: the same code can gain +0.8 or lose)")
     ap.add_argument("--value-head-init", default="reward", choices=["reward", "zero"],
                     help="our value head's start; 'reward' is what TRL does (the default here, for parity)")
     ap.add_argument("--score-unfinished", default="open", choices=["open", "closed"],
                     help="how our reward model sees a cut-off answer; 'open' (tokens as generated) is what TRL "
                          "scores (the default here, for parity; our PPO's default is 'closed')")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in every run (OMP_NUM_THREADS)")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="set one of our PPO config keys in our runs (repeatable; for experiments)")
     a = ap.parse_args()
 
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds: comma-separated integers, got {a.seeds!r}")
     if not set(variants) <= {"full", "lora"}:
         ap.error(f"--variants: full and/or lora, got {a.variants!r}")
     sizes = ["tiny", "small"] if a.size == "both" else [a.size]
@@ -239,8 +268,8 @@ def main() -> int:
     md = [f"Command: `{report['command']}`; {a.episodes} episodes, batch {a.batch_size}, 1 minibatch, "
           f"{a.ppo_epochs} PPO epochs, response_length {a.response_length}, lr {a.lr}, kl_coef {a.kl_coef}, "
           f"temperature {a.temperature}, stop at eos, cut-off answers scored {a.score_unfinished}, fp32, "
-          f"seed {a.seed}, {a.threads} threads. "
-          f"Median of {a.repeats} run(s) by episodes/s.\n"]
+          f"seeds {a.seeds}, {a.threads} threads. "
+          f"Median of {a.repeats * len(seeds)} run(s) by episodes/s.\n"]
     for size in sizes:
         for variant in variants:
             case = f"{size}, {variant}" + (f" (LoRA r={a.lora_r})" if variant == "lora" else "")
@@ -248,19 +277,20 @@ def main() -> int:
             runs: dict[str, list[dict[str, Any]]] = {"TRL 1.12 gc-frozen": [], "ours": []}
             if a.trl_stock:
                 runs["TRL 1.12 stock"] = []
-            for i in range(1, a.repeats + 1):
-                tag = f"{size}-{variant}-run{i}"
+            for seed, i in ((seed, i) for seed in seeds for i in range(1, a.repeats + 1)):
+                tag = f"{size}-{variant}-seed{seed}-run{i}"
                 lora = variant == "lora"
-                print(f"== {case}, run {i}/{a.repeats} (load {os.getloadavg()[0]:.2f})", flush=True)
+                print(f"== {case}, seed {seed}, run {i}/{a.repeats} (load {os.getloadavg()[0]:.2f})", flush=True)
                 runs["TRL 1.12 gc-frozen"].append(run_trl(trl_python, model_dir, a, lora, True,
-                                                          f"{tag}-trl-gcfreeze", out, env))
-                runs["ours"].append(run_ours(model_dir, a, lora, f"{tag}-ours", out, env))
+                                                          f"{tag}-trl-gcfreeze", out, env, seed))
+                runs["ours"].append(run_ours(model_dir, a, lora, f"{tag}-ours", out, env, seed))
                 if a.trl_stock:
                     runs["TRL 1.12 stock"].append(run_trl(trl_python, model_dir, a, lora, False,
-                                                          f"{tag}-trl-stock", out, env))
+                                                          f"{tag}-trl-stock", out, env, seed))
                 for name, rs in runs.items():
-                    print(f"   {name}: {rs[-1]['episodes_per_second']:.1f} episodes/s, "
-                          f"{rs[-1]['peak_rss_mb']:.0f} MB", flush=True)
+                    r = rs[-1]
+                    print(f"   {name}: {r['episodes_per_second']:.1f} episodes/s, {r['peak_rss_mb']:.0f} MB, "
+                          f"score {r['score_start']:+.3f} -> {r['score_end']:+.3f}, KL {r['kl_end']:.2f}", flush=True)
             sides = {name: median_run(rs) for name, rs in runs.items()}
             report["cases"][case] = sides
             md.append(markdown(case, sides))
