@@ -35,8 +35,9 @@ class PPOConfig(ModelOptions):
     stop_token: str = field("eos", help="'eos': stop at <|im_end|>/EOS and mask what follows; 'none': fixed length")
     logprobs_from_generation: bool = field(
         False, help="take the sampled tokens' log-probs and entropies while sampling: one policy forward fewer "
-                    "per update (equal to the forward's within 1e-5, but the demo's seed 1 then learned +18 "
-                    "points instead of +51: training on this task is that sensitive); false: a forward pass")
+                    "per update with several minibatches (with one, the rollout's forward is the first PPO "
+                    "step's anyway, and this is ignored); equal to the forward's within 1e-5, but the demo's "
+                    "seed 1 then learned +18 points instead of +51: training on this task is that sensitive")
     missing_eos_penalty: float = field(1.0, help="subtracted from the score of a response with no stop token")
     score_unfinished: Literal["closed", "open"] = field(
         "closed", help="a response cut off before its stop token, as the reward model sees it: 'closed' (the chat "
