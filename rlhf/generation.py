@@ -56,8 +56,8 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
     every row has stopped; `prompt_ids`: the prompts already rendered and tokenized.
 
     Sampling is exactly what the arguments say (temperature, then top-k, then top-p), never a
-    model's own generation_config defaults (a Qwen2.5-Instruct one would add top-k 20 and a
-    repetition penalty, which PPO's log-probs would not know about). `record_logprobs` (sampling
+    model's own generation_config defaults (transformers' generate() applied a model's
+    repetition_penalty, 1.05 in Qwen2.5-Instruct's, which PPO's log-probs would not know about). `record_logprobs` (sampling
     only): also each sampled token's log-prob and each step's entropy under the whole distribution
     at the temperature, which is what a forward pass over the finished rollout gives.
 

@@ -286,6 +286,29 @@ def test_prompts_read_while_sampling(tiny_stack: dict[str, str], tmp_path: Path,
     _same_updates(tmp_path / "split", tmp_path / "b")
 
 
+def test_sampling_ignores_the_models_generation_config(tiny_stack: dict[str, str]) -> None:
+    """PPO's log-probs assume sampling at exactly the configured temperature/top-k/top-p: a model's own
+    generation_config (Qwen2.5-Instruct ships top_k 20, repetition_penalty 1.05) must not leak in, as
+    its repetition_penalty did into transformers' generate()."""
+    from rlhf.generation import generate
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(tiny_stack["sft"], padding_side="left")
+    model = load_causal_lm(tiny_stack["sft"]).eval()
+    prompt = [{"role": "user", "content": "A chip measures [length, width, height] = [5, 20, 30] mm. "
+                                          "Recommend an adjustment as JSON."}]
+
+    def answers() -> tuple[list, list]:
+        torch.manual_seed(0)
+        sampled = generate(model, tok, [prompt] * 8, max_new_tokens=24, do_sample=True, temperature=0.7)
+        greedy = generate(model, tok, [prompt] * 2, max_new_tokens=24, do_sample=False)
+        return sampled.response.tolist(), greedy.response.tolist()
+
+    before = answers()
+    model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 100.0
+    assert answers() == before
+
+
 @pytest.mark.parametrize("top_k", [0, 3])
 def test_sampling_records_what_a_forward_pass_gives(tiny_stack: dict[str, str], top_k: int) -> None:
     """The log-probs and entropies recorded while sampling (what PPO keeps as the old policy) equal a
