@@ -70,7 +70,40 @@ def run_stage(name: str, argv: list[str]) -> dict[str, Any]:
         print(config_mod.help_text(cfg_cls, name, doc))
         return {}
     cfg = config_mod.parse(cfg_cls, argv, name)
-    return fn(cfg) or {}
+    out = getattr(cfg, "output_dir", "") or ""
+    new_folder = bool(out) and not os.path.exists(out)
+    record_config(cfg, name)
+    try:
+        return fn(cfg) or {}
+    except UserError:
+        # refused before producing anything (a bad key the stage checks itself): leave no folder behind
+        if new_folder and os.path.isdir(out) and os.listdir(out) == [RECORDED_CONFIG]:
+            os.remove(os.path.join(out, RECORDED_CONFIG))
+            os.rmdir(out)
+        raise
+
+
+RECORDED_CONFIG = "rlhf_config.yaml"
+
+
+def record_config(cfg: Any, stage: str) -> None:
+    """OUTPUT_DIR/rlhf_config.yaml: every setting of the run, after the YAML and the command line,
+    written (atomically, by the first process) before the stage starts, so a run in progress, a
+    killed one and a resumed one all show what they ran with; `--config` takes it back as is."""
+    import json
+
+    import yaml
+
+    from rlhf.config import to_dict
+    from rlhf.io import atomic_write_text
+
+    out = getattr(cfg, "output_dir", "")
+    if not out or int(os.environ.get("RANK", "0")) != 0:
+        return
+    values = json.loads(json.dumps(to_dict(cfg), default=str))  # tuples -> lists, paths -> str: plain YAML
+    atomic_write_text(os.path.join(out, RECORDED_CONFIG),
+                      f"# rlhf {stage}: the settings of the last run into this folder\n"
+                      + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,9 +57,10 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
 
     Sampling is exactly what the arguments say (temperature, then top-k, then top-p), never a
     model's own generation_config defaults (transformers' generate() applied a model's
-    repetition_penalty, 1.05 in Qwen2.5-Instruct's, which PPO's log-probs would not know about). `record_logprobs` (sampling
-    only): also each sampled token's log-prob and each step's entropy under the whole distribution
-    at the temperature, which is what a forward pass over the finished rollout gives.
+    repetition_penalty, 1.05 in Qwen2.5-Instruct's, which PPO's log-probs would not know about).
+    `record_logprobs` (sampling only): also each sampled token's log-prob and each step's entropy
+    under the whole distribution at the temperature, which is what a forward pass over the finished
+    rollout gives.
 
     keep_prompt_state (models where rlhf.models.decoder.supports_lean holds): also return the keys and
     values of every prompt token but the last, computed with gradients if `prompt_state_grad`, so a

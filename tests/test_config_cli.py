@@ -99,6 +99,11 @@ def test_a_stage_runs_end_to_end_from_yaml(cli, tmp_path):
     config = tmp_path / "c.yaml"
     out = tmp_path / "out"
     config.write_text(f"output_dir: {out}\nn: 10\nsft_n: 4\n")
-    proc = cli("data", "preference", "--config", str(config))
+    proc = cli("data", "preference", "--config", str(config), "--seed", "7")
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "metrics.json").read_text())["rows"] == {"train": 9, "test": 1, "sft": 4}
+    # the settings it ran with, YAML and command line together, usable again as --config
+    recorded = out / "rlhf_config.yaml"
+    assert parse(PreferenceConfig, ["--config", str(recorded)], "data preference") == parse(
+        PreferenceConfig, ["--config", str(config), "--seed", "7"], "data preference")
+    assert "seed: 7" in recorded.read_text()
