@@ -72,7 +72,8 @@ def run_stage(name: str, argv: list[str]) -> dict[str, Any]:
     cfg = config_mod.parse(cfg_cls, argv, name)
     out = getattr(cfg, "output_dir", "") or ""
     new_folder = bool(out) and not os.path.exists(out)
-    record_config(cfg, name)
+    if out:
+        record_config(cfg, name, out)
     try:
         return fn(cfg) or {}
     except UserError:
@@ -86,7 +87,7 @@ def run_stage(name: str, argv: list[str]) -> dict[str, Any]:
 RECORDED_CONFIG = "rlhf_config.yaml"
 
 
-def record_config(cfg: Any, stage: str) -> None:
+def record_config(cfg: Any, stage: str, out: str) -> None:
     """OUTPUT_DIR/rlhf_config.yaml: every setting of the run, after the YAML and the command line,
     written (atomically, by the first process) before the stage starts, so a run in progress, a
     killed one and a resumed one all show what they ran with; `--config` takes it back as is."""
@@ -96,9 +97,9 @@ def record_config(cfg: Any, stage: str) -> None:
 
     from rlhf.config import to_dict
     from rlhf.io import atomic_write_text
+    from rlhf.training import world_info
 
-    out = getattr(cfg, "output_dir", "")
-    if not out or int(os.environ.get("RANK", "0")) != 0:
+    if world_info()["rank"] != 0:
         return
     values = json.loads(json.dumps(to_dict(cfg), default=str))  # tuples -> lists, paths -> str: plain YAML
     atomic_write_text(os.path.join(out, RECORDED_CONFIG),

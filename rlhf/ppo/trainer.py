@@ -51,12 +51,6 @@ from rlhf.training import quiet_transformers
 __all__ = ["PPOConfig", "run"]
 
 
-def token_values(value_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 keep: int, past: KeyValues | None = None) -> torch.Tensor:
-    """The scalar head at each of the last `keep` positions (a sequence classifier reads only the last)."""
-    return head_outputs(value_model, input_ids, attention_mask, keep, past).squeeze(-1).float()
-
-
 class PolicyAndValue(nn.Module):
     """One module for DDP: a forward returns the policy's response logits and per-token values."""
 
@@ -78,8 +72,10 @@ class PolicyAndValue(nn.Module):
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
                past: KeyValues | None = None) -> torch.Tensor:
-        """V(s_t) for the states before each response token (`past` as for policy_logits)."""
-        return token_values(self.value, input_ids, attention_mask, n_response + 1, past)[:, :-1]
+        """V(s_t) for the states before each response token (`past` as for policy_logits): the value
+        model's scalar head at every response position, where a sequence classifier reads only the last."""
+        values = head_outputs(self.value, input_ids, attention_mask, n_response + 1, past)
+        return values.squeeze(-1).float()[:, :-1]
 
 
 class SideThread:
