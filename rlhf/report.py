@@ -148,12 +148,21 @@ def write_report(run_dir: str | Path) -> Path:
                   f"{_fmt(p.get('updates'))} updates, {_fmt(p.get('episodes'))} episodes; "
                   f"final KL {_fmt(p.get('kl_final'))}, "
                   f"final score {_fmt(p.get('score_final'))}, {_fmt(p.get('episodes_per_second'), 1)} episodes/s.", ""]
+        shares = p.get("action_share_after") or {}
+        if shares:
+            lines += ["Greedy answers after PPO: " + ", ".join(f"{a} {_fmt(v)}" for a, v in shares.items()) + ".", ""]
+        if p.get("collapse_warning"):
+            w = p["collapse_warning"]
+            lines += [f"**Warning: collapse.** From update {w['update']}, {w['share']:.0%} of a batch answered "
+                      f"`{w['action']}` while batch agreement stayed at {w['agreement_batch']:.2f} "
+                      f"(start {w['agreement_start']:.2f}).", ""]
     else:
         lines += ["Missing: `ppo/metrics.json` not found.", ""]
     if rows:
         from rlhf.plots import plot_curves
+        from rlhf.ppo.metrics import CURVES
 
-        png = plot_curves(rows, ["score_mean", "kl", "entropy", "vf_loss"], plots / "ppo_curves.png",
+        png = plot_curves(rows, CURVES, plots / "ppo_curves.png",
                           title="PPO over updates")
         lines += [f"![PPO curves]({_rel(png, root)})", ""]
     elif m["ppo"]:

@@ -7,13 +7,21 @@ Two task variants come from the seed document:
   see `rlhf.chips.physics`).
 """
 
-from rlhf.chips.advice import ACTIONS, ADVICE_SCHEMA, Advice, AdviceParseError, format_advice, parse_advice
+from rlhf.chips.advice import (
+    ACTIONS,
+    ADVICE_SCHEMA,
+    Advice,
+    AdviceParseError,
+    action_token_index,
+    format_advice,
+    parse_advice,
+)
 from rlhf.chips.prompts import LANGUAGES, dims_prompt, spec_from_prompt
 from rlhf.chips.rule import RULES, rule_action, rule_advice, rule_reason
 from rlhf.chips.spec import DIM_MAX, DIM_MIN, ChipSpec, sample_specs
 
 __all__ = [
-    "ACTIONS", "ADVICE_SCHEMA", "Advice", "AdviceParseError", "format_advice", "parse_advice",
+    "ACTIONS", "ADVICE_SCHEMA", "Advice", "AdviceParseError", "action_token_index", "format_advice", "parse_advice",
     "LANGUAGES", "dims_prompt", "spec_from_prompt", "RULES", "rule_action", "rule_advice", "rule_reason",
     "DIM_MAX", "DIM_MIN", "ChipSpec", "sample_specs",
 ]

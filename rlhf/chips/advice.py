@@ -49,6 +49,21 @@ def format_advice(action: str, reason: str) -> str:
     return json.dumps({"action": action, "reason": reason}, ensure_ascii=False)
 
 
+_ACTION_OPEN = re.compile(r'"action"\s*:\s*"')
+
+
+def action_token_index(pieces: list[str]) -> int | None:
+    """Index of the token where an answer's action word begins, given its tokens' texts: the one
+    token that decides the advice (everything before it is format). None when there is none."""
+    text = ""
+    for i, piece in enumerate(pieces):
+        text += piece
+        opened = _ACTION_OPEN.search(text)
+        if opened and len(text) > opened.end():
+            return i
+    return None
+
+
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S | re.I)
 
 

@@ -28,6 +28,9 @@ class PPOConfig(ModelOptions):
     # rollout
     total_episodes: int = field(4096, help="prompts sampled over the run (updates = total_episodes / batch_size)")
     batch_size: int = field(32, help="rollouts per update, over all processes")
+    samples_per_prompt: int = field(
+        1, help="answers sampled per prompt in a batch (batch_size / samples_per_prompt distinct prompts); "
+                "with score_baseline 'group' each answer is scored against its siblings")
     response_length: int = field(32, help="max new tokens per response")
     temperature: float = field(0.7, help="sampling temperature (log-probs are taken at the same temperature)")
     top_k: int = field(0, help="top-k sampling (0: off)")
@@ -53,6 +56,10 @@ class PPOConfig(ModelOptions):
     normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
     score_scale: float = field(1.0, help="multiply scores by this (bring a reward model's scale near 1)")
     score_clip: float = field(0.0, help="clip scores to [-c, c] after scaling (0: off)")
+    score_baseline: Literal["none", "batch", "group"] = field(
+        "none", help="baseline taken out of each score before GAE: 'none'; 'batch' (standardised over the "
+                     "batch); 'group' (minus the mean of the other samples of the same prompt, RLOO's "
+                     "leave-one-out; needs samples_per_prompt >= 2)")
     # optimisation
     learning_rate: float = field(1e-4, help="AdamW learning rate (policy and value)")
     lr_schedule: Literal["constant", "linear"] = field("linear", help="learning-rate schedule over updates")
@@ -66,6 +73,9 @@ class PPOConfig(ModelOptions):
     lam: float = field(0.95, help="GAE lambda")
     max_grad_norm: float = field(1.0, help="gradient clipping")
     early_stop_kl: float = field(0.0, help="stop an epoch when approx KL exceeds this (0: off)")
+    value_warmup_updates: int = field(0, help="first N updates train the value model only (critic warm-up)")
+    collapse_share: float = field(0.9, help="warn when one action takes more than this share of a batch while "
+                                            "batch agreement has not risen")
     # logging, evaluation, checkpoints
     log_every: int = field(1, help="log metrics every N updates")
     sample_every: int = field(10, help="print sample completions every N updates (0: never)")
@@ -83,6 +93,12 @@ class PPOConfig(ModelOptions):
         if self.batch_size % self.num_mini_batches:
             raise UserError(f"batch_size ({self.batch_size}) must be divisible by num_mini_batches "
                             f"({self.num_mini_batches})")
+        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+            raise UserError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
+                            f"({self.samples_per_prompt}, at least 1)")
+        if self.score_baseline == "group" and self.samples_per_prompt < 2:
+            raise UserError("score_baseline 'group' needs samples_per_prompt >= 2 (each answer is compared "
+                            "with its siblings); set --samples_per_prompt 4 or --score_baseline none")
         if self.total_episodes < self.batch_size:
             raise UserError(f"total_episodes ({self.total_episodes}) must be at least batch_size ({self.batch_size})")
         if self.stop_token not in ("eos", "none"):

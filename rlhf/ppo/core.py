@@ -97,6 +97,30 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     return rewards
 
 
+def centre_scores(scores: Tensor, mode: str, group_size: int = 1) -> Tensor:
+    """The score PPO learns from, with a baseline taken out before GAE.
+
+    'none': as given. 'batch': (s - mean) / std over the batch, so a reward model that rates every
+    answer high (or low) gives no push of its own. 'group': rows come in consecutive groups of
+    `group_size` samples of one prompt, and each score loses the mean of the *other* samples of its
+    prompt (RLOO's leave-one-out baseline, Ahmadian et al. 2024): what stays is how much better this
+    answer is than the policy's other answers to the same chip, which no per-prompt offset of the
+    reward model can fake."""
+    if mode == "none":
+        return scores
+    if mode == "batch":
+        std = scores.std() if scores.numel() > 1 else scores.new_tensor(0.0)
+        return (scores - scores.mean()) / (std + 1e-8)
+    if mode == "group":
+        if group_size < 2 or scores.numel() % group_size:
+            raise ValueError(f"score baseline 'group' needs groups of >= 2 samples, got {group_size} "
+                             f"for {scores.numel()} scores")
+        groups = scores.view(-1, group_size)
+        others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+        return (groups - others).view(-1)
+    raise ValueError(f"score baseline must be 'none', 'batch' or 'group', got {mode!r}")
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the valid tokens of each row.
 

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlhf.chips import ACTIONS, action_token_index
 from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
-from rlhf.generation import chat_ids, evaluate_policy, generate, left_pad
+from rlhf.generation import chat_ids, evaluate_policy, generate, judge, left_pad
 from rlhf.io import append_jsonl, atomic_write_json, read_jsonl, write_metrics
 from rlhf.models import (
     add_lora,
@@ -45,6 +46,7 @@ from rlhf.models import (
 from rlhf.models.decoder import KeyValues, causal_logits, head_outputs, key_values, supports_lean
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.metrics import CURVES, CollapseWatch
 from rlhf.rewards import build_reward
 from rlhf.training import quiet_transformers
 
@@ -146,12 +148,14 @@ class PromptStream:
             self._orders = {epoch: idx}
         return self._orders[epoch]
 
-    def batch(self, update: int, batch_size: int, rank: int, world: int) -> list[Any]:
-        local = batch_size // world
+    def batch(self, update: int, batch_size: int, rank: int, world: int, group: int = 1) -> list[Any]:
+        """This rank's prompts of one update, each repeated `group` times in a row (a group: the
+        samples of one prompt)."""
+        per_update, local = batch_size // group, batch_size // world // group
         out = []
-        for k in range(update * batch_size + rank * local, update * batch_size + (rank + 1) * local):
+        for k in range(update * per_update + rank * local, update * per_update + (rank + 1) * local):
             epoch, i = divmod(k, len(self.prompts))
-            out.append(self.prompts[self._order(epoch)[i]])
+            out.extend([self.prompts[self._order(epoch)[i]]] * group)
         return out
 
 
@@ -175,6 +179,9 @@ class PPOTrainer:
         self.acc = Accelerator(log_with=log_with, project_dir=str(self.out),
                                mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no")
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if cfg.batch_size % (self.world * cfg.samples_per_prompt):
+            raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by processes x samples_per_prompt "
+                            f"({self.world} x {cfg.samples_per_prompt}): a prompt's samples stay in one process")
         if cfg.batch_size % (self.world * cfg.num_mini_batches * cfg.gradient_accumulation_steps):
             raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by processes x num_mini_batches x "
                             f"gradient_accumulation_steps ({self.world} x {cfg.num_mini_batches} x "
@@ -205,6 +212,7 @@ class PPOTrainer:
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
         self.kl_coef = cfg.kl_coef
         self.start_update = 0
+        self.collapse = CollapseWatch(cfg.collapse_share)
         # one process on a CPU, small models: the value model's half of each step on a second thread
         threads = torch.get_num_threads()
         n_params = sum(p.numel() for p in self.inner.policy.parameters())
@@ -230,6 +238,7 @@ class PPOTrainer:
         train = load_rows(resolve_split(cfg.data, "train"), PROMPT_COLUMNS)
         self.stream = PromptStream([r["prompt"] for r in train], cfg.seed)
         self._prompt_cache: dict[str, list[int]] = {}
+        self._pieces: dict[int, str] = {}
         self.eval_prompts: list[Any] = []
         if cfg.eval_prompts > 0:
             test = load_rows(resolve_split(cfg.data, "test"), PROMPT_COLUMNS)
@@ -343,7 +352,7 @@ class PPOTrainer:
             with self.acc.autocast():
                 if g.logprobs is not None:  # recorded while sampling: no second pass over the policy
                     logp = g.logprobs[:, :n_resp].to(self.device)
-                    entropy = core.masked_mean(g.entropy[:, :n_resp].to(self.device), mask)
+                    entropy = g.entropy[:, :n_resp].to(self.device)
                 else:
                     with torch.set_grad_enabled(reuse):
                         if g.prompt_state is not None:
@@ -351,7 +360,7 @@ class PPOTrainer:
                         else:
                             logits = inner.policy_logits(ids, att, n_resp)
                         logp = core.logprobs_of(logits, response, cfg.temperature)
-                    entropy = core.masked_mean(core.entropy_of(logits.detach(), cfg.temperature), mask)
+                    entropy = core.entropy_of(logits.detach(), cfg.temperature)
                     del logits
                 return logp, entropy, self._ref_logprobs(ids, att, response, n_resp)
 
@@ -365,17 +374,44 @@ class PPOTrainer:
         logp, values = logp.detach(), values.detach()
         scores = scores.to(self.device)
         kl = core.kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
-        rewards = core.per_token_rewards(scores, kl, mask, self.kl_coef)
+        # the score less its baseline (none, batch or the prompt's other samples) is what PPO learns from
+        centred = core.centre_scores(scores, cfg.score_baseline, cfg.samples_per_prompt)
+        rewards = core.per_token_rewards(centred, kl, mask, self.kl_coef)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = core.masked_whiten(advantages, mask)
         t_fwd = time.perf_counter() - t1 - t_score  # with the side thread: what scoring did not overlap
-        return {"ids": ids, "att": att, "response": response, "mask": mask, "n_resp": n_resp,
+        decisions = self._decisions(prompts, g.texts, has_stop, response, mask, entropy)
+        return {**decisions, "entropy": core.masked_mean(entropy, mask),
+                "ids": ids, "att": att, "response": response, "mask": mask, "n_resp": n_resp,
                 "logp": logp, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
-                "kl": kl.sum(1), "entropy": entropy, "has_stop": has_stop, "texts": g.texts, "prompts": prompts,
+                "kl": kl.sum(1), "has_stop": has_stop, "texts": g.texts, "prompts": prompts,
                 "t_gen": t_gen, "t_score": t_score, "t_fwd": t_fwd, "graphs": graphs,
                 "reward_parts": dict(getattr(self.reward_fn, "last", {}))}
+
+    def _decisions(self, prompts: list[Any], texts: list[str], has_stop: list[bool], response: torch.Tensor,
+                   mask: torch.Tensor, entropy: torch.Tensor) -> dict[str, Any]:
+        """What the batch decided: each answer's action (None when invalid), whether it agrees with the
+        rule teacher, and the policy's entropy at the token that picks the action (the one choice that
+        matters; the mean over all tokens is mostly format, near 0 after SFT)."""
+        actions, agree, at_decision = [], [], []
+        for row, (prompt, text, stopped) in enumerate(zip(prompts, texts, has_stop)):
+            _, agrees, action = judge(prompt[-1]["content"], text, stopped)
+            actions.append(action)
+            agree.append(agrees)
+            n = int(mask[row].sum())
+            where = action_token_index([self._piece(t) for t in response[row, :n].tolist()])
+            if where is not None:
+                at_decision.append(float(entropy[row, where]))
+        return {"actions": actions, "agree": agree,
+                "entropy_decision": float(np.mean(at_decision)) if at_decision else float("nan")}
+
+    def _piece(self, token: int) -> str:
+        """A token's text, decoded once per id."""
+        if token not in self._pieces:
+            self._pieces[token] = self.tok.decode([token])
+        return self._pieces[token]
 
     def _prompt_ids(self, prompt: list[dict[str, str]]) -> list[int]:
         """A prompt's chat-template token ids, rendered once per prompt (not once per update)."""
@@ -405,6 +441,8 @@ class PPOTrainer:
     def learn(self, batch: dict[str, Any], update: int) -> dict[str, float]:
         cfg = self.cfg
         self.model.train()
+        # critic warm-up: the value model learns per-chip baselines before the policy moves on them
+        self._value_warmup = update < cfg.value_warmup_updates
         n = batch["ids"].shape[0]
         mb = n // cfg.num_mini_batches
         micro = mb // cfg.gradient_accumulation_steps
@@ -461,7 +499,8 @@ class PPOTrainer:
         values are far off) shrink the policy's step as well."""
         params = (self._policy_params, self._value_params)[which]
         norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.optimizers[which].step()
+        if which == 1 or not self._value_warmup:
+            self.optimizers[which].step()
         self.optimizers[which].zero_grad(set_to_none=True)
         return norm
 
@@ -642,7 +681,7 @@ class PPOTrainer:
         last: dict[str, Any] = {}
         for update in bar:
             t0 = time.perf_counter()
-            prompts = self.stream.batch(update, cfg.batch_size, self.rank, self.world)
+            prompts = self.stream.batch(update, cfg.batch_size, self.rank, self.world, cfg.samples_per_prompt)
             batch = self.rollout(prompts)
             if not torch.isfinite(batch["scores"]).all():
                 raise FloatingPointError(f"non-finite reward at update {update + 1}")
@@ -657,6 +696,9 @@ class PPOTrainer:
                          ("update", time.perf_counter() - t1)):
                 timing[k] += v
             row = self._update_metrics(update + 1, batch, stats, episodes / t_train, tokens / t_train)
+            warning = self.collapse.check(row)
+            if warning and self.acc.is_main_process:
+                tqdm.write(warning)
             if self.kl_ctl:
                 self.kl_coef = self.kl_ctl.update(row["kl"], cfg.batch_size)
             last = row
@@ -702,6 +744,9 @@ class PPOTrainer:
             "response_length": float(mask.sum(1).float().mean()),
             "no_stop_fraction": float((~b["has_stop"]).float().mean()),
             "explained_variance": core.explained_variance(b["values"], b["returns"], mask),
+            "entropy_decision": b["entropy_decision"],
+            "agreement_batch": float(np.mean(b["agree"])),
+            **{f"action_share_{a}": float(np.mean([x == a for x in b["actions"]])) for a in ACTIONS},
             **stats,
         }
         t = torch.tensor(list(local.values()), device=self.device, dtype=torch.float64)
@@ -713,6 +758,8 @@ class PPOTrainer:
         for k, v in row.items():
             if isinstance(v, float) and not math.isfinite(v) and k in ("score_mean", "kl"):
                 raise FloatingPointError(f"non-finite {k} at update {update}")
+        if not math.isfinite(row["entropy_decision"]):
+            row["entropy_decision"] = None  # no answer in the batch reached an action
         return row
 
     def _final_metrics(self, before: dict[str, Any], after: dict[str, Any], last: dict[str, Any],
@@ -735,6 +782,8 @@ class PPOTrainer:
             "value_on_side_thread": self.side is not None,
             "samples_before": before.get("samples", []), "samples_after": after.get("samples", []),
             "action_share_after": after.get("action_share_greedy"),
+            "action_share_sampled_after": after.get("action_share_sampled"),
+            "collapse_warning": self.collapse.first,
         }
         return m
 
@@ -751,7 +800,7 @@ def plot_ppo_curves(out: Path) -> None:
 
     rows = logged_rows(out)
     if rows:
-        plot_curves(rows, ["score_mean", "kl", "entropy", "vf_loss", "clipfrac", "response_length"],
+        plot_curves(rows, CURVES,
                     out / "ppo_curves.png", title="PPO")
 
 
