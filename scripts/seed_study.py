@@ -56,11 +56,23 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def ppo_command(a: argparse.Namespace, seed: int, out: Path, sets: dict[str, Any]) -> list[str]:
-    record = Path(a.run) / "ppo" / "rlhf_config.yaml"
-    if not record.is_file():
-        raise SystemExit(f"{record}: not found; --run must be a finished pipeline run folder (rlhf pipeline ...)")
-    cmd = [sys.executable, "-m", "rlhf", "ppo", "--config", str(record), "--seed", str(seed),
+def ppo_config(run: Path, tmp: Path) -> Path:
+    """The PPO stage's settings in a pipeline run folder: the pipeline's record (its `ppo` section and
+    the shared keys) wired to the run's SFT model, reward model and data, as the pipeline wires them."""
+    record = run / "rlhf_config.yaml"
+    if not (record.is_file() and (run / "sft").is_dir() and (run / "reward").is_dir()):
+        raise SystemExit(f"{run}: not a finished pipeline run folder (no rlhf_config.yaml, sft/ or reward/)")
+    top = yaml.safe_load(record.read_text())
+    cfg = {k: top[k] for k in ("dtype", "ollama_host") if top.get(k) is not None}
+    cfg.update(top.get("ppo") or {})
+    cfg.update(model=str(run / "sft"), reward_model=str(run / "reward"), data=str(run / "data"))
+    path = tmp / "ppo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def ppo_command(a: argparse.Namespace, seed: int, out: Path, sets: dict[str, Any], tmp: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "rlhf", "ppo", "--config", str(ppo_config(Path(a.run), tmp)), "--seed", str(seed),
            "--output_dir", str(out), "--resume", "false"]
     for key, value in sets.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
@@ -143,7 +155,7 @@ def main() -> int:
             done = (run_dir if a.mode == "ppo" else run_dir / "ppo") / "metrics.json"
             wall = None
             if not done.is_file():
-                cmd = (ppo_command(a, seed, run_dir, sets) if a.mode == "ppo"
+                cmd = (ppo_command(a, seed, run_dir, sets, Path(tmp)) if a.mode == "ppo"
                        else pipeline_command(a, seed, run_dir, sets, Path(tmp)))
                 print(f"== seed {seed}: {' '.join(cmd[1:])}", flush=True)
                 t = time.perf_counter()
