@@ -62,11 +62,14 @@ def smollm2_gguf() -> str | None:
     return found[0] if found else None
 
 
-def smollm2_source(model_path: str | None = None, n_ctx: int = 512, max_tokens: int = 96) -> Source:
+def smollm2_source(model_path: str | None = None, n_ctx: int = 512, max_tokens: int | None = None) -> Source:
     """A source backed by the real SmolLM2-135M-Instruct through llama-cpp-python.
 
     `format` (a JSON schema or "json") becomes llama.cpp's grammar-constrained JSON output,
-    which is what Ollama's structured outputs do as well."""
+    which is what Ollama's structured outputs do as well. Without `num_predict` in the options a
+    reply runs until it ends or fills the context, as Ollama's default (num_predict -1) does: a
+    fixed cap cut long reasons mid-string, and the teacher rightly refused the broken JSON (a fresh
+    llama.cpp build wrote longer reasons and failed the teacher test that way)."""
     import llama_cpp
 
     path = model_path or smollm2_gguf()
@@ -76,8 +79,9 @@ def smollm2_source(model_path: str | None = None, n_ctx: int = 512, max_tokens: 
     lock = threading.Lock()  # one llama.cpp context: requests take turns
 
     def source(messages: list[dict], fmt: Any, options: dict) -> str:
+        limit = options.get("num_predict", max_tokens)
         kw: dict[str, Any] = {"temperature": float(options.get("temperature", 0.0)),
-                              "max_tokens": int(options.get("num_predict", max_tokens))}
+                              "max_tokens": None if limit is None or int(limit) < 0 else int(limit)}
         if "seed" in options:
             kw["seed"] = int(options["seed"])
         if isinstance(fmt, dict):

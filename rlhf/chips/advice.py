@@ -9,12 +9,16 @@ from typing import Any
 
 ACTIONS: tuple[str, ...] = ("increase", "decrease", "no_change")
 
-# JSON schema sent as Ollama's `format` (structured outputs) and used to validate answers.
+# JSON schema sent as Ollama's `format` (structured outputs) and used to validate answers. The
+# reason's maxLength becomes part of the grammar the server samples under, so the string always
+# closes: without it a small model that loops in its reason (SmolLM2-135M did, on some llama.cpp
+# builds) runs out of tokens mid-string and the answer is broken JSON.
+REASON_MAX_CHARS = 240
 ADVICE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "action": {"type": "string", "enum": list(ACTIONS)},
-        "reason": {"type": "string"},
+        "reason": {"type": "string", "maxLength": REASON_MAX_CHARS},
     },
     "required": ["action", "reason"],
 }

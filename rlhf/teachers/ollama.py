@@ -76,7 +76,7 @@ _JSON_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def schema_problem(obj: Any, schema: dict) -> str | None:
-    """A light check of the subset of JSON schema we send (type, required, properties, enum)."""
+    """A light check of the subset of JSON schema we send (type, required, properties, enum, maxLength)."""
     tp = schema.get("type")
     if isinstance(tp, str) and tp in _JSON_TYPES:
         ok = isinstance(obj, _JSON_TYPES[tp]) and not (tp in ("integer", "number") and isinstance(obj, bool))
@@ -84,6 +84,8 @@ def schema_problem(obj: Any, schema: dict) -> str | None:
             return f"expected {tp}, got {type(obj).__name__}"
     if "enum" in schema and obj not in schema["enum"]:
         return f"{obj!r} not in {schema['enum']}"
+    if isinstance(obj, str) and len(obj) > schema.get("maxLength", len(obj)):
+        return f"longer than {schema['maxLength']} characters"
     if isinstance(obj, dict):
         for key in schema.get("required", []):
             if key not in obj:

@@ -1,0 +1,106 @@
+"""What PPO does against a collapse onto one answer: score baselines, several samples per prompt,
+a critic warm-up, and the warning when one answer takes over anyway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_ppo import ppo_args
+
+from rlhf.chips import action_token_index
+from rlhf.config import build
+from rlhf.errors import UserError
+from rlhf.ppo import core
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.metrics import CollapseWatch
+from rlhf.ppo.trainer import PPOTrainer, PromptStream
+
+
+def test_centre_scores_by_hand() -> None:
+    s = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0])
+    assert torch.equal(core.centre_scores(s, "none"), s)
+    # groups of 3: [1, 2, 3] -> 1 - 2.5, 2 - 2, 3 - 1.5; [6, 0, 0] -> 6 - 0, 0 - 3, 0 - 3
+    assert torch.allclose(core.centre_scores(s, "group", 3), torch.tensor([-1.5, 0.0, 1.5, 6.0, -3.0, -3.0]))
+    b = core.centre_scores(s, "batch")
+    assert abs(float(b.mean())) < 1e-6 and abs(float(b.std()) - 1) < 1e-6
+    with pytest.raises(ValueError):
+        core.centre_scores(s, "group", 4)  # 6 scores are not groups of 4
+
+
+def test_action_token_index_finds_the_deciding_token() -> None:
+    assert action_token_index(['{"', 'action', '":', ' "', 'incr', 'ease', '",']) == 4
+    assert action_token_index(['{"action": "', 'no', '_change']) == 1
+    assert action_token_index(['{"action": "d']) == 0  # the token that opens the word also starts it
+    assert action_token_index(['{"reason": "', 'x']) is None
+
+
+def test_collapse_watch_warns_once_when_one_answer_takes_over_without_learning() -> None:
+    def row(update: int, share: float, agreement: float) -> dict[str, Any]:
+        rest = (1 - share) / 2
+        return {"update": update, "agreement_batch": agreement, "action_share_increase": share,
+                "action_share_decrease": rest, "action_share_no_change": rest}
+
+    watch = CollapseWatch(0.9)
+    assert watch.check(row(1, 0.4, 0.33)) is None
+    assert watch.check(row(2, 0.95, 0.34)) and watch.first["action"] == "increase"
+    assert watch.check(row(3, 0.97, 0.35)) is None and watch.first["update"] == 2  # once
+    learning = CollapseWatch(0.9)
+    learning.check(row(1, 0.4, 0.33))
+    r = row(2, 0.95, 0.60)  # one action dominating a batch, but agreement rose: not a collapse
+    assert learning.check(r) is None and r["collapse"] == 0
+
+
+def test_groups_of_samples_per_prompt() -> None:
+    stream = PromptStream([f"p{i}" for i in range(10)], seed=0)
+    batch = stream.batch(0, 8, 0, 1, group=4)
+    assert len(batch) == 8 and batch[:4] == [batch[0]] * 4 and batch[4:] == [batch[4]] * 4
+    assert batch[0] != batch[4]
+    assert stream.batch(0, 8, 0, 1) == [stream.batch(0, 8, 0, 1)[i] for i in range(8)]  # group 1 as before
+    assert stream.batch(1, 8, 0, 1, group=4)[0] not in (batch[0], batch[4])  # the next update moves on
+
+
+def _trainer(stack: dict[str, str], out: Path, **over: Any) -> PPOTrainer:
+    args = ppo_args(stack, out, eval_prompts=0, kl_coef=0.0, parallel_value=False, **over)
+    return PPOTrainer(build(PPOConfig, args, "t"))
+
+
+def _policy_weights(trainer: PPOTrainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer._policy_params]
+
+
+def _changed(before: list[torch.Tensor], params: list[torch.nn.Parameter]) -> bool:
+    return any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
+
+
+@pytest.mark.parametrize("baseline", ["none", "group"])
+def test_group_baseline_learns_nothing_from_a_score_that_only_depends_on_the_prompt(
+        tiny_stack: dict[str, str], tmp_path: Path, baseline: str) -> None:
+    """A reward model that rates one chip's answers higher than another's, whatever they say, is the
+    offset that pushed every answer one way; compared with its siblings, no answer gains from it."""
+    trainer = _trainer(tiny_stack, tmp_path / baseline, samples_per_prompt=4, score_baseline=baseline,
+                       missing_eos_penalty=0.0)  # the penalty depends on the answer: not what is tested
+    trainer.reward_fn = lambda prompts, texts, has_stop: torch.tensor(
+        [float(len(p[-1]["content"]) % 7) for p in prompts])
+    before = _policy_weights(trainer)
+    prompts = trainer.stream.batch(0, 8, 0, 1, group=4)
+    trainer.learn(trainer.rollout(prompts), 0)
+    assert _changed(before, trainer._policy_params) == (baseline == "none")
+
+
+def test_value_warmup_moves_only_the_value_model_first(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    trainer = _trainer(tiny_stack, tmp_path / "warm", value_warmup_updates=1)
+    policy, value = _policy_weights(trainer), [p.detach().clone() for p in trainer._value_params]
+    trainer.learn(trainer.rollout(trainer.stream.batch(0, 8, 0, 1)), 0)
+    assert not _changed(policy, trainer._policy_params) and _changed(value, trainer._value_params)
+    trainer.learn(trainer.rollout(trainer.stream.batch(1, 8, 0, 1)), 1)
+    assert _changed(policy, trainer._policy_params)
+
+
+def test_group_baseline_needs_groups() -> None:
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        build(PPOConfig, {"score_baseline": "group"}, "t")
+    with pytest.raises(UserError, match="multiple of samples_per_prompt"):
+        build(PPOConfig, {"batch_size": 8, "samples_per_prompt": 3}, "t")
