@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from bench_settings import add_bench_settings, bench_settings_argv
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BENCH = REPO.parent / "shared" / "bench"
@@ -73,10 +74,8 @@ def window_mean(values: list[float], head: bool) -> float:
 def run_trl(python: Path, model_dir: Path, a: argparse.Namespace, lora: bool, gc_freeze: bool, tag: str,
             out: Path, env: dict[str, str], seed: int) -> dict[str, Any]:
     res_path = out / f"{tag}.json"
-    cmd = [str(python), str(RUNNER), "--model-dir", str(model_dir), "--batch-size", str(a.batch_size),
-           "--ppo-epochs", str(a.ppo_epochs), "--response-length", str(a.response_length),
-           "--episodes", str(a.episodes), "--lr", str(a.lr), "--kl-coef", str(a.kl_coef),
-           "--temperature", str(a.temperature), "--seed", str(seed), "--threads", str(a.threads),
+    cmd = [str(python), str(RUNNER), "--model-dir", str(model_dir), *bench_settings_argv(a),
+           "--seed", str(seed), "--threads", str(a.threads),
            "--lora-r", str(a.lora_r if lora else 0), "--json-out", str(res_path)]
     if gc_freeze:
         cmd.append("--gc-freeze")
@@ -224,13 +223,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench-ppo-vs-trl", help="bench.json, bench.md, per-run JSON and logs")
     ap.add_argument("--bench-dir", default=str(DEFAULT_BENCH), help="folder with tiny_qwen/ and small_qwen/")
     ap.add_argument("--trl-venv", default=str(DEFAULT_VENV), help="venv with trl==1.12.0 (created if missing)")
-    ap.add_argument("--episodes", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--ppo-epochs", type=int, default=4)
-    ap.add_argument("--response-length", type=int, default=24)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--kl-coef", type=float, default=0.05)
-    ap.add_argument("--temperature", type=float, default=0.7)
+    add_bench_settings(ap)
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--seeds", default="42", help="comma-separated; every seed runs --repeats times per side; "
                     "with several, the score gain is reported as a mean over seeds (one seed is one sample of "

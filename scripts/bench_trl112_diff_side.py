@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 import trl.experimental.ppo.ppo_trainer as trl_ppo  # noqa: E402
+from bench_settings import add_bench_settings  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -247,13 +248,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True)
     ap.add_argument("--prompt-offset", type=int, default=0, help="the batch: prompts.jsonl rows offset.. offset+batch")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--ppo-epochs", type=int, default=4)
-    ap.add_argument("--response-length", type=int, default=24)
-    ap.add_argument("--episodes", type=int, default=512, help="total_episodes: sets the lr schedule (one update runs)")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--kl-coef", type=float, default=0.05)
-    ap.add_argument("--temperature", type=float, default=0.7)
+    add_bench_settings(ap)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--clip-norms", default="", help="comma-separated: also run C with per-model clipping at these")
     ap.add_argument("--force-responses", default="",

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 import trl.experimental.ppo.ppo_trainer as trl_ppo  # noqa: E402
+from bench_settings import add_bench_settings  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -86,14 +87,8 @@ def window_mean(rows: list[dict[str, float]], key: str, head: bool) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True)
-    ap.add_argument("--batch-size", type=int, default=8)
+    add_bench_settings(ap)
     ap.add_argument("--num-mini-batches", type=int, default=1)
-    ap.add_argument("--ppo-epochs", type=int, default=4)
-    ap.add_argument("--response-length", type=int, default=24)
-    ap.add_argument("--episodes", type=int, default=512)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--kl-coef", type=float, default=0.05)
-    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--stop-token", choices=["eos", "none"], default="eos")
     ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the policy (0: full fine-tuning)")
     ap.add_argument("--seed", type=int, default=42)

@@ -61,6 +61,7 @@ SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 from bench_ppo_vs_trl import DEFAULT_BENCH, DEFAULT_VENV, ensure_trl_venv, reward_as_trained  # noqa: E402
+from bench_settings import add_bench_settings, bench_settings_argv  # noqa: E402
 
 SIDE = SCRIPTS / "bench_trl112_diff_side.py"
 
@@ -192,10 +193,8 @@ def model_norm(grads: dict[str, torch.Tensor], prefix: str) -> float:
 
 def run_trl(python: Path, a: argparse.Namespace, batch: str, clip_norms: list[float], work: Path) -> dict[str, Any]:
     out = work / f"trl-{batch}.pt"
-    cmd = [str(python), str(SIDE), "--model-dir", str(a.model_dir), "--batch-size", str(a.batch_size),
-           "--prompt-offset", str(a.prompt_offset), "--ppo-epochs", str(a.ppo_epochs),
-           "--response-length", str(a.response_length), "--episodes", str(a.episodes), "--lr", str(a.lr),
-           "--kl-coef", str(a.kl_coef), "--temperature", str(a.temperature), "--seed", str(a.seed),
+    cmd = [str(python), str(SIDE), "--model-dir", str(a.model_dir), *bench_settings_argv(a),
+           "--prompt-offset", str(a.prompt_offset), "--seed", str(a.seed),
            "--clip-norms", ",".join(repr(c) for c in clip_norms), "--out", str(out)]
     if batch != "sampled":
         forced = edge_tokens(a.model_dir, batch)
@@ -599,14 +598,8 @@ def main() -> int:
                          "other (sequential) or use the trainer's real second thread (needs 2 torch threads)")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="set one of our PPO config keys (repeatable), e.g. max_grad_norm=1e9 (TRL: no clipping)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    add_bench_settings(ap)
     ap.add_argument("--prompt-offset", type=int, default=0, help="the batch: prompts.jsonl rows offset..offset+8")
-    ap.add_argument("--ppo-epochs", type=int, default=4)
-    ap.add_argument("--response-length", type=int, default=24)
-    ap.add_argument("--episodes", type=int, default=512, help="sets the lr schedule (one update runs)")
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--kl-coef", type=float, default=0.05)
-    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--per-tensor", action="store_true", help="print the per-tensor gradient table of every run")
     ap.add_argument("--json-out", default="", help="write every row here")
