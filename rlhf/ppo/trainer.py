@@ -213,6 +213,7 @@ class PPOTrainer:
         self.kl_coef = cfg.kl_coef
         self.start_update = 0
         self.collapse = CollapseWatch(cfg.collapse_share)
+        self._value_warmup = False  # set per update by learn(): only the value model steps
         # one process on a CPU, small models: the value model's half of each step on a second thread
         threads = torch.get_num_threads()
         n_params = sum(p.numel() for p in self.inner.policy.parameters())
