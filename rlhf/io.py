@@ -1,9 +1,11 @@
-"""Atomic and append-only file writes: nothing already produced is lost when a run dies."""
+"""Atomic and append-only file writes: nothing already produced is lost when a run dies. Folders
+are deleted only when rlhf created them (they carry OWNED_MARKER): a user's own files never are."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -102,3 +104,63 @@ def truncate_torn_tail(path: str | os.PathLike) -> int:
     with open(path, "r+b") as f:
         f.truncate(keep)
     return len(data) - keep
+
+
+# -- folders rlhf created ------------------------------------------------------------------------
+OWNED_MARKER = ".rlhf-owned"
+
+
+def mark_owned(path: str | os.PathLike) -> Path:
+    """Create folder `path` (if needed) and mark it as written by rlhf, so a later run may delete it.
+    Only the marker's presence counts: a kill while writing it leaves it empty, which is enough."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / OWNED_MARKER, "w", encoding="utf-8") as f:
+        f.write("rlhf wrote this folder; it deletes and rewrites it when the step that made it reruns\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def is_owned(path: str | os.PathLike) -> bool:
+    """A real folder (not a link: rlhf makes none) that carries the marker."""
+    path = Path(path)
+    return not path.is_symlink() and path.is_dir() and (path / OWNED_MARKER).is_file()
+
+
+def check_removable(path: str | os.PathLike, flag: str, *, force: bool = False) -> None:
+    """Raise UserError unless `path` is absent, an empty folder (nothing to lose), or rlhf's own;
+    `flag` is the option that allows deleting it anyway (`force`), named in the message."""
+    from rlhf.errors import UserError
+
+    path = Path(path)
+    if force or not (path.exists() or path.is_symlink()) or is_owned(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise UserError(f"{path} is a {'link' if path.is_symlink() else 'file'} where rlhf writes a folder; "
+                        f"move it away, use another --output_dir, or pass {flag} to delete it")
+    if not any(path.iterdir()):
+        return
+    raise UserError(f"{path} holds files rlhf did not write (no {OWNED_MARKER} in it); move them away, "
+                    f"use another --output_dir, or pass {flag} to delete them")
+
+
+def remove_owned_dir(path: str | os.PathLike, flag: str, *, force: bool = False) -> None:
+    """Delete folder `path` if check_removable allows it, else raise its UserError. The marker goes
+    last, so a folder whose deletion was killed half-way still carries it and the rerun finishes it."""
+    path = Path(path)
+    check_removable(path, flag, force=force)
+    if path.is_symlink() or path.is_file():  # only with force: the link itself, never what it points to
+        path.unlink()
+        return
+    if not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.name == OWNED_MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (path / OWNED_MARKER).unlink(missing_ok=True)
+    path.rmdir()

@@ -14,6 +14,10 @@ config chained with the hashes of the stages before it. A stage whose metrics.js
 where it can be (data and PPO resume from their own files and checkpoints when the config is the
 same) and otherwise rerun from a clean folder (the tiny model, SFT, reward, eval and export are
 deterministic), so a rerun after a crash ends with the results of an uninterrupted run.
+
+A stage folder is deleted only when the pipeline created it (it carries rlhf.io.OWNED_MARKER) or it
+is empty: one holding files of the user's own is refused before any stage runs, unless
+`--overwrite true`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import dataclasses
 import gc
 import hashlib
 import json
-import shutil
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +34,13 @@ from typing import Any
 
 from rlhf.config import build, field
 from rlhf.errors import UserError
-from rlhf.io import atomic_write_json, read_json
+from rlhf.io import atomic_write_json, check_removable, is_owned, mark_owned, read_json, remove_owned_dir
 
 STATE_FILE = ".stage.json"
 HASH_VERSION = 1  # bump when the meaning of a stage's outputs changes: every run folder reruns
+OVERWRITE = "--overwrite true"  # the option that lets a stage delete a folder rlhf did not create
+# One path segment: no separator, no `..`, no leading dot (a hidden folder), nothing that breaks a line.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 # pipeline stage -> (`rlhf` stage it runs, YAML section, run sub-folder)
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -75,6 +82,8 @@ class PipelineConfig:
                                  "machine all cores are fastest; when another job shares them, 1 thread is")
     from_: str | None = field(None, help="rerun from this stage on: " + ", ".join(STAGES))
     report: bool = field(True, help="write report.md at the end")
+    overwrite: bool = field(False, help="let a stage that reruns delete its folder even when rlhf did not create "
+                                        "it (no .rlhf-owned in it): the files of your own there are lost")
     tiny_model: dict = field({}, help="`rlhf tiny-model` keys (used when base_model is 'tiny')")
     data: dict = field({}, help="`rlhf data preference` keys")
     sft: dict = field({}, help="`rlhf sft` keys, plus enabled: false to start PPO from the base model")
@@ -86,8 +95,9 @@ class PipelineConfig:
     def validate(self) -> None:
         if self.from_ is not None and self.from_ not in STAGES:
             raise UserError(f"--from {self.from_!r} is not a stage; use one of {', '.join(STAGES)}")
-        if not self.name.strip() or "/" in self.name:
-            raise UserError(f"name {self.name!r}: give a plain word (it names the run folder)")
+        if not _RUN_NAME.fullmatch(self.name):
+            raise UserError(f"name {self.name!r}: a run name is one folder name of letters, digits, '.', '_' and "
+                            "'-', starting with a letter or digit (at most 128), e.g. chip-demo")
 
     @property
     def root(self) -> Path:
@@ -169,8 +179,6 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
 
 
 def _ollama_name(name: str) -> str:
-    import re
-
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "rlhf-model"
 
 
@@ -204,11 +212,20 @@ def is_done(stage: Stage) -> bool:
     return bool(state.get("complete")) and state.get("hash") == stage.hash and (stage.folder / "metrics.json").is_file()
 
 
-def _clean(folder: Path) -> None:
+def check_folders(stages: list[Stage], overwrite: bool) -> None:
+    """Before any stage runs: every folder a stage may delete is the pipeline's, or the run stops here."""
+    for stage in stages:
+        if stage.cfg is None:
+            continue  # a disabled stage's folder is never touched
+        if not is_owned(stage.folder) and (stage.folder / STATE_FILE).is_file():
+            mark_owned(stage.folder)  # only the pipeline writes .stage.json, into a folder it emptied first
+        check_removable(stage.folder, OVERWRITE, force=overwrite)
+
+
+def _clean(folder: Path, overwrite: bool) -> None:
     """Start a stage from an empty folder: stale files (an old adapter beside new weights) mislead loaders."""
-    if folder.is_dir():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    remove_owned_dir(folder, OVERWRITE, force=overwrite)
+    mark_owned(folder)
 
 
 def _banner(text: str) -> None:
@@ -221,6 +238,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
         torch.set_num_threads(cfg.threads)
     stages = plan(cfg)
+    check_folders(stages, cfg.overwrite)
     root = cfg.root
     root.mkdir(parents=True, exist_ok=True)
     record_path = root / "pipeline.json"
@@ -252,7 +270,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         if resume:
             _banner(f"[{i}/{total}] {stage.name}: continuing an interrupted run in {stage.folder}")
         else:
-            _clean(stage.folder)
+            _clean(stage.folder, cfg.overwrite)
             _banner(f"[{i}/{total}] {stage.name} -> {stage.folder}")
         atomic_write_json(stage.folder / STATE_FILE, {"hash": stage.hash, "complete": False, "stage": stage.name})
         t0 = time.time()

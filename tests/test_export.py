@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -287,6 +288,190 @@ def test_modelfile_render_quotes_and_rejects_triple_quotes() -> None:
         modelfile.render("m.gguf", modelfile.CHATML_TEMPLATE, params, 'say """hi"""', "src")
 
 
+_COMMANDS = {"from", "license", "template", "system", "adapter", "draft", "renderer", "parser", "parameter",
+             "message", "requires"}
+
+
+def ollama_parse(text: str) -> list[tuple[str, str]]:
+    """A port of the line logic of Ollama's Modelfile parser (parser/parser.go, ParseFile and
+    parseRuneForState): comments, instruction words, parameter names, unquoted, "quoted" and
+    triple-quoted values. Returns (command, args) in order; raises ValueError where Ollama errors."""
+    nil, name, value, param, message, cmnt = range(6)
+
+    def step(r: str, cs: int) -> tuple[int, str]:
+        if cs == nil:
+            if r == "#":
+                return cmnt, ""
+            return (nil, "") if r in " \t\r\n" else (name, r)
+        if cs == name:
+            if r.isascii() and r.isalpha():
+                return name, r
+            if r in " \t":
+                return value, ""
+            raise ValueError(f"invalid command at {r!r}")
+        if cs == value:
+            return (nil, r) if r in " \t\r\n" else (value, r)
+        if cs in (param, message):
+            if r.isascii() and (r.isalpha() or (cs == param and (r.isdigit() or r == "_"))):
+                return cs, r
+            if r in " \t":
+                return value, ""
+            raise ValueError("unexpected EOF")
+        return (nil, "") if r in "\r\n" else (cmnt, "")  # comment
+
+    def unquote(v: str) -> tuple[str, bool]:
+        if v[:3] == '"""':
+            return (v[3:-3], True) if len(v) >= 6 and v[-3:] == '"""' else ("", False)
+        if v[:1] == '"':
+            return (v[1:-1], True) if len(v) >= 2 and v[-1] == '"' else ("", False)
+        return v, True
+
+    commands: list[tuple[str, str]] = []
+    cmd, role, curr, buf = "", "", nil, ""
+    for ch in text:
+        nxt, r = step(ch, curr)
+        if nxt != curr:
+            if curr == name:
+                word = buf.lower()
+                if word not in _COMMANDS:
+                    raise ValueError(f"invalid command {buf!r}")
+                if word == "from":
+                    cmd = "model"
+                elif word == "parameter":
+                    nxt = param
+                else:
+                    nxt = message if word == "message" else nxt
+                    cmd = word
+            elif curr == param:
+                cmd = buf
+            elif curr == message:
+                if buf not in ("system", "user", "assistant"):
+                    raise ValueError(f"invalid message role {buf!r}")
+                role = buf
+            elif curr == value:
+                v, ok = unquote(buf.strip(" \t\r\n"))  # the buffer holds no other whitespace
+                if not ok or r in " \t":
+                    buf += r
+                    continue
+                commands.append((cmd, f"{role}: {v}" if role else v))
+                role = ""
+            buf, curr = "", nxt
+        if r and r.isprintable():  # Go's strconv.IsPrint
+            buf += r
+    if curr == value:
+        v, ok = unquote(buf.strip(" \t\r\n"))
+        if not ok:
+            raise ValueError("unexpected EOF")
+        commands.append((cmd, f"{role}: {v}" if role else v))
+    elif curr not in (nil, cmnt):
+        raise ValueError("unexpected EOF")
+    if not any(c == "model" for c, _ in commands):
+        raise ValueError("no FROM line")
+    return commands
+
+
+def test_parser_port_reads_what_ollama_reads() -> None:
+    """The port on the behaviour the attack relies on, and on the quoting Ollama's own writer uses."""
+    assert ollama_parse('# c\nFROM ./m.gguf\nSYSTEM """a\nb"""\nPARAMETER stop "<|x|>"\n') == [
+        ("model", "./m.gguf"), ("system", "a\nb"), ("stop", "<|x|>")]
+    assert ollama_parse("# from a\nADAPTER ./evil\nFROM x\n") == [("adapter", "./evil"), ("model", "x")]
+    assert ollama_parse('FROM x\nSYSTEM "two\nlines"\n') == [("model", "x"), ("system", "two\nlines")]
+    assert ollama_parse('FROM x\nSYSTEM """a"""\nADAPTER y"""\n') == [
+        ("model", "x"), ("system", "a"), ("adapter", 'y"""')]
+    assert ollama_parse("FROM a b \nMESSAGE user hi there\n") == [("model", "a b"), ("message", "user: hi there")]
+    assert ollama_parse("FROM x\nSYSTEM a\x00b\n") == [("model", "x"), ("system", "ab")]  # non-printable dropped
+    for bad in ('FROM x\nSYSTEM """unclosed\n', "FROM x\n!bad\n", "SYSTEM x\n", "FROM x\nPARAMETER a-b 1\n"):
+        with pytest.raises(ValueError):
+            ollama_parse(bad)
+
+
+HOSTILE_SOURCES = [
+    "runs/x\nADAPTER /tmp/evil\nSYSTEM pwned",
+    "runs/x\rADAPTER /tmp/evil",
+    'runs/"quoted"/x\n"""\nFROM /etc/passwd',
+    "runs/x\u2028ADAPTER y\x85\x00\x1b[2J\tend",
+    "runs/# not a comment end\n\n\nPARAMETER temperature 99",
+]
+HOSTILE_SYSTEMS = [
+    "Be brief.",
+    'say "hi"\nADAPTER /tmp/evil\n"',
+    '"\nSYSTEM pwned\n""',
+    'ends in a quote"',
+    '""',
+    "tabs\tand\r\nCRLF\n# not a comment\nFROM /etc/passwd",
+    "  leading and trailing spaces  ",
+]
+
+
+@pytest.mark.parametrize("source", HOSTILE_SOURCES)
+@pytest.mark.parametrize("system", HOSTILE_SYSTEMS)
+def test_modelfile_parses_to_exactly_the_intended_instructions(source: str, system: str) -> None:
+    params = modelfile.parameters(modelfile.STOPS, 0.7, None, 40, None, None)
+    text = modelfile.render("chip-advisor.gguf", modelfile.CHATML_TEMPLATE, params, system, source)
+    assert ollama_parse(text) == [
+        ("model", "./chip-advisor.gguf"), ("template", modelfile.CHATML_TEMPLATE), ("system", system),
+        ("stop", "<|im_start|>"), ("stop", "<|im_end|>"), ("temperature", "0.7"), ("top_k", "40")]
+    header = text.split("\n", 1)[0]
+    assert header.startswith("# Written by `rlhf export` from runs/") and "\r" not in header
+
+
+@pytest.mark.parametrize("system, lost", [
+    ('say """hi"""', '"""'), ('x"""\nADAPTER /tmp/evil\n"""', '"""'), ('ends with """', '"""'),
+    ("zero\u200bwidth", "'\\u200b'"), ("nul\x00", "'\\x00'"), ("ideographic\u3000space", "'\\u3000'"),
+    ("line\u2028separator", "'\\u2028'"),
+])
+def test_modelfile_refuses_system_text_it_cannot_hold(system: str, lost: str) -> None:
+    params = modelfile.parameters(modelfile.STOPS, None, None, None, None, None)
+    with pytest.raises(UserError, match=re.escape(lost)) as e:
+        modelfile.render("m.gguf", modelfile.CHATML_TEMPLATE, params, system, "src")
+    assert str(e.value).startswith("--system: the text holds ") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("gguf_file", ["a\nADAPTER b.gguf", 'a".gguf', "../a.gguf", "a/b.gguf", "a.gguf ", "",
+                                       "a\r.gguf", "a\x00.gguf"])
+def test_modelfile_refuses_a_from_path_it_cannot_hold(gguf_file: str) -> None:
+    with pytest.raises(UserError, match="^--name: the GGUF file name .* pass a plain --name"):
+        modelfile.render(gguf_file, modelfile.CHATML_TEMPLATE, {}, None, "src")
+
+
+def test_modelfile_refuses_a_string_parameter_with_a_line_break() -> None:
+    with pytest.raises(UserError, match="PARAMETER stop .* cannot hold"):
+        modelfile.render("m.gguf", modelfile.CHATML_TEMPLATE, {"stop": ['x"\nADAPTER y']}, None, "src")
+    params = {"stop": ['a "quoted" stop', " spaced "]}
+    text = modelfile.render("m.gguf", modelfile.CHATML_TEMPLATE, params, None, "src")
+    assert ollama_parse(text)[2:] == [("stop", 'a "quoted" stop'), ("stop", " spaced ")]
+
+
+def test_export_of_a_model_folder_with_a_hostile_name(tiny_qwen: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """The reported attack, end to end through the CLI: a model path and a --system with line breaks."""
+    from rlhf.cli import main
+
+    model = tmp_path / 'm\nADAPTER evil.bin\nSYSTEM """pwned"""\n# x'
+    shutil.copytree(tiny_qwen, model)
+    out = tmp_path / "o"
+    system = 'Be "brief".\nADAPTER /tmp/evil'
+    assert main(["export", "--model", str(model), "--output_dir", str(out), "--outtype", "f32",
+                 "--progress", "false", "--system", system]) == 0
+    name = "m-adapter-evil.bin-system-pwned-x"  # default_name keeps [a-z0-9._-] only
+    text = (out / "Modelfile").read_bytes().decode("utf-8")  # as written, CRs kept
+    assert ollama_parse(text) == [("model", f"./{name}.gguf"), ("template", modelfile.CHATML_TEMPLATE),
+                                  ("system", system), ("stop", "<|im_start|>"), ("stop", "<|im_end|>")]
+    assert (out / f"{name}.gguf").is_file()
+    assert f"ollama create {name} -f {out / 'Modelfile'}" in capsys.readouterr().out
+
+
+def test_export_refuses_a_system_prompt_before_writing(tiny_qwen: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from rlhf.cli import main
+
+    out = tmp_path / "o"
+    assert main(["export", "--model", str(tiny_qwen), "--output_dir", str(out), "--system", 'x"""y']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('rlhf: error: --system: the text holds """')
+    assert not out.exists()  # refused before anything was written
+
+
 # ---------------------------------------------------------------------------------------------------
 # push into the loopback Ollama server
 # ---------------------------------------------------------------------------------------------------
@@ -384,6 +569,41 @@ def test_bad_outtype_and_name_from_the_cli(tiny_qwen: Path, tmp_path: Path, caps
     assert "expected one of f32, f16, bf16, q8_0" in capsys.readouterr().err
     assert main(["export", "--model", str(tiny_qwen), "--output_dir", str(tmp_path), "--name", "Chip Advisor"]) == 2
     assert "an Ollama name is lowercase" in capsys.readouterr().err
+    for name in ("chip-advisor\n", "chip\nADAPTER x", "../chip", "chip/../x", '"chip"'):
+        assert main(["export", "--model", str(tiny_qwen), "--output_dir", str(tmp_path), "--name", name]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--name {name!r}: an Ollama name is lowercase" in err[0]
+
+
+def test_export_never_deletes_an_hf_folder_it_did_not_write(tiny_qwen: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from rlhf.cli import main
+
+    out = tmp_path / "o"
+    (out / "hf").mkdir(parents=True)
+    (out / "hf" / "notes.txt").write_text("mine")
+    argv = ["export", "--model", str(tiny_qwen), "--output_dir", str(out), "--outtype", "f32", "--progress", "false"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rlhf: error: {out / 'hf'} holds files rlhf did not write (no .rlhf-owned in it); move them "
+                   "away, use another --output_dir, or pass --overwrite true to delete them"]
+    assert (out / "hf" / "notes.txt").read_text() == "mine" and sorted(p.name for p in (out / "hf").iterdir()) == [
+        "notes.txt"]
+    assert not (out / "Modelfile").exists() and not list(out.glob("*.gguf"))  # refused before the slow part
+
+    # with --overwrite true it is replaced; the new hf/ is marked, so a re-export replaces it without asking
+    assert main([*argv, "--overwrite", "true"]) == 0
+    assert not (out / "hf" / "notes.txt").exists() and (out / "hf" / ".rlhf-owned").is_file()
+    first = (out / "hf" / "model.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "hf" / "model.safetensors").stat().st_mtime_ns != first
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_export_reuses_an_empty_hf_folder(tiny_qwen: Path, tmp_path: Path) -> None:
+    (tmp_path / "o" / "hf").mkdir(parents=True)
+    m = _export(tiny_qwen, tmp_path / "o", outtype="f32")
+    assert (Path(m["hf_dir"]) / "model.safetensors").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------

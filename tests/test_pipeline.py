@@ -18,6 +18,9 @@ import yaml
 from conftest import REPO_ROOT, cli_env
 
 from rlhf.cli import main
+from rlhf.config import parse
+from rlhf.io import OWNED_MARKER
+from rlhf.pipeline import PipelineConfig, check_folders, plan
 
 STAGES = ["base", "data", "sft", "reward", "ppo", "eval", "export"]
 UPDATES = 6  # PPO updates (batch 8); a checkpoint every 2, so a kill mid-PPO has one to resume from
@@ -233,3 +236,68 @@ def test_config_errors_name_section_and_key(tmp_path, capsys):
                  "--output_dir", str(tmp_path / "run")]) == 2
     assert "cannot be disabled" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing ran: every section is checked first
+
+
+def test_every_stage_folder_carries_the_marker(reference_run):
+    run, _, _ = reference_run
+    assert all((run / stage / OWNED_MARKER).is_file() for stage in STAGES)
+
+
+def test_a_user_file_in_a_stage_folder_survives(tmp_path, capsys):
+    run = tmp_path / "runs" / "x"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "notes.txt").write_text("mine")
+    config = write_config(tmp_path / "tiny.yaml", tiny_config())
+    assert main(["pipeline", "--config", str(config), "--output_dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"rlhf: error: {run / 'data'} holds files rlhf did not write (no {OWNED_MARKER} in it); move "
+                   "them away, use another --output_dir, or pass --overwrite true to delete them"]
+    assert (run / "data" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (run / "data").iterdir()) == ["notes.txt"]
+    assert not (run / "base").exists() and not (run / "pipeline.json").exists()  # refused before any stage ran
+
+
+def _planned(run: Path, *args: str) -> list:
+    cfg = parse(PipelineConfig, ["--config", str(write_config(run.parent / "tiny.yaml", tiny_config())),
+                                 "--output_dir", str(run), *args], "pipeline")
+    return plan(cfg)
+
+
+def test_which_stage_folders_the_pipeline_may_delete(tmp_path):
+    from rlhf.errors import UserError
+
+    run = tmp_path / "run"
+    stages = _planned(run)
+    check_folders(stages, overwrite=False)  # nothing there yet
+    (run / "sft").mkdir(parents=True)  # empty: nothing to lose
+    (run / "ppo").mkdir()
+    (run / "ppo" / ".stage.json").write_text("{}")  # a run folder from before the marker: the pipeline's
+    (run / "ppo" / "policy").mkdir()
+    check_folders(stages, overwrite=False)
+    assert (run / "ppo" / OWNED_MARKER).is_file()
+    (run / "eval").write_text("a file where a folder goes")
+    with pytest.raises(UserError, match=f"^{run / 'eval'} is a file where rlhf writes a folder; .*--overwrite true"):
+        check_folders(stages, overwrite=False)
+    check_folders(stages, overwrite=True)
+    (run / "eval").unlink()
+    (run / "export").mkdir()
+    (run / "export" / "Modelfile").write_text("mine")
+    cfg = tiny_config()
+    cfg["export"] = {"enabled": False}
+    check_folders(plan(parse(PipelineConfig, ["--config", str(write_config(tmp_path / "off.yaml", cfg)),
+                                              "--output_dir", str(run)], "pipeline")), overwrite=False)
+    with pytest.raises(UserError, match="export holds files rlhf did not write"):
+        check_folders(stages, overwrite=False)
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "../x", "x\nSYSTEM y", "x\n", "", " ", "a b",
+                                  "x" * 129, "a\\b", "-x"])
+def test_run_names_are_one_plain_folder_name(name, tmp_path, capsys):
+    assert main(["pipeline", "--name", name, "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"rlhf: error: name {name!r}: a run name is one folder name")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plain_run_name_is_accepted(tmp_path):
+    assert [s.folder.name for s in _planned(tmp_path / "run", "--name", "chip-demo_2.1")][:2] == ["base", "data"]

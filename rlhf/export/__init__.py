@@ -4,11 +4,13 @@ the model to Ollama.
 Outputs in --output_dir: hf/ (the merged Hugging Face folder), NAME.gguf, Modelfile, metrics.json.
 Without --push it prints the `ollama create` command to run; with --push it uploads the GGUF to the
 Ollama server and creates the model there (an existing one is replaced only with --force true).
+An existing hf/ is replaced only when rlhf wrote it (or with --overwrite true).
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +18,9 @@ from typing import Any, Literal
 
 from rlhf.config import field
 from rlhf.errors import UserError
-from rlhf.io import atomic_write_text, write_metrics
+from rlhf.io import atomic_write_text, check_removable, write_metrics
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?(:[a-z0-9_][a-z0-9._-]{0,127})?$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?(:[a-z0-9_][a-z0-9._-]{0,127})?")
 
 
 @dataclass
@@ -39,11 +41,17 @@ class ExportConfig:
     num_ctx: int | None = field(None, help="PARAMETER num_ctx (context window Ollama allocates)")
     repeat_penalty: float | None = field(None, help="PARAMETER repeat_penalty")
     progress: bool = field(True, help="show progress bars")
+    overwrite: bool = field(False, help="replace an hf/ folder in --output_dir that rlhf did not write (no "
+                                        ".rlhf-owned in it): the files of your own there are lost")
 
     def validate(self) -> None:
-        if self.name is not None and not _NAME.match(self.name):
+        if self.name is not None and not _NAME.fullmatch(self.name):  # `$` would let a final newline through
             raise UserError(f"--name {self.name!r}: an Ollama name is lowercase letters, digits, '.', '_', '-' "
                             "(optionally namespace/ and :tag), e.g. chip-advisor:latest")
+        if self.system is not None:
+            from rlhf.export.modelfile import check_block
+
+            check_block("SYSTEM", self.system, "--system")
 
 
 def default_name(model: str) -> str:
@@ -58,6 +66,7 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     cfg.validate()
     name = cfg.name or default_name(cfg.model)
     out = Path(cfg.output_dir)
+    check_removable(out / "hf", merge.OVERWRITE, force=cfg.overwrite)  # before the slow part, not after it
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
@@ -67,22 +76,25 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     model, tok = merge.load_merged(cfg.model)
     gguf.gguf_architecture(model.config.to_dict(), f"{cfg.model}: config.json")  # fail before writing
     system = cfg.system if cfg.system is not None else modelfile.default_system(tok, cfg.model)
-    hf_dir = merge.save_hf(model, tok, out / "hf")
+    gguf_path = out / f"{name.split('/')[-1].replace(':', '-')}.gguf"
+    params = modelfile.parameters(modelfile.STOPS, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_ctx,
+                                  cfg.repeat_penalty)
+    # rendered before writing anything: a text the Modelfile cannot hold is refused, not half-exported
+    mf_text = modelfile.render(gguf_path.name, modelfile.CHATML_TEMPLATE, params, system, cfg.model,
+                               system_source="--system" if cfg.system is not None else
+                               f"{cfg.model}: the system prompt of its chat template (override it with --system)")
+    hf_dir = merge.save_hf(model, tok, out / "hf", overwrite=cfg.overwrite)
     del model
     seconds["merge"] = round(time.perf_counter() - t, 2)
 
     # 2. GGUF
     t = time.perf_counter()
-    gguf_path = out / f"{name.split('/')[-1].replace(':', '-')}.gguf"
     conv = gguf.convert(hf_dir, gguf_path, cfg.outtype, name=name, progress=cfg.progress)
     seconds["convert"] = round(time.perf_counter() - t, 2)
 
     # 3. Modelfile beside the GGUF
-    params = modelfile.parameters(modelfile.STOPS, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_ctx,
-                                  cfg.repeat_penalty)
     mf_path = out / "Modelfile"
-    atomic_write_text(mf_path, modelfile.render(gguf_path.name, modelfile.CHATML_TEMPLATE, params, system,
-                                                cfg.model))
+    atomic_write_text(mf_path, mf_text)
 
     # 4. push, or say how
     pushed: dict[str, Any] | None = None
@@ -95,7 +107,8 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         seconds["push"] = round(time.perf_counter() - t, 2)
         print(f"created Ollama model {name} at {pushed['host']}: run `ollama run {name}`")
     else:
-        print(f"GGUF written to {gguf_path}; to use it in Ollama run:\n  ollama create {name} -f {mf_path}")
+        print(f"GGUF written to {gguf_path}; to use it in Ollama run:\n"
+              f"  ollama create {name} -f {shlex.quote(str(mf_path))}")
     seconds["total"] = round(time.perf_counter() - start, 2)
 
     metrics: dict[str, Any] = {

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.io import mark_owned, remove_owned_dir
+
+OVERWRITE = "--overwrite true"
 
 
 def is_lora(name_or_path: str) -> bool:
@@ -44,9 +47,10 @@ def _ollama_friendly(folder: Path, tok: Any) -> None:
             tc_path.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def save_hf(model: Any, tok: Any, hf_dir: str | os.PathLike) -> Path:
+def save_hf(model: Any, tok: Any, hf_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write safetensors + config + tokenizer + chat template to `hf_dir`, replacing it whole: the
-    folder is built under a temporary name and renamed, so a crash never leaves half of it."""
+    folder is built under a temporary name and renamed, so a crash never leaves half of it. An
+    existing `hf_dir` is replaced only when rlhf wrote it, or with `overwrite`."""
     hf_dir = Path(hf_dir)
     hf_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=hf_dir.parent, prefix=f".{hf_dir.name}."))
@@ -54,8 +58,8 @@ def save_hf(model: Any, tok: Any, hf_dir: str | os.PathLike) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _ollama_friendly(tmp, tok)
-        if hf_dir.exists():
-            shutil.rmtree(hf_dir)
+        mark_owned(tmp)
+        remove_owned_dir(hf_dir, OVERWRITE, force=overwrite)
         os.replace(tmp, hf_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,12 @@
 """The Ollama side of an export: a ChatML Go template matching the model's Jinja template, stop
-parameters, and the Modelfile that ties them to the GGUF."""
+parameters, and the Modelfile that ties them to the GGUF.
+
+Ollama's Modelfile parser (parser/parser.go) reads a `#` comment up to the next CR or LF, an
+unquoted value up to the next line break, and a quoted or triple-quoted value up to the first line
+break where the text so far ends in its closing quote(s); it drops every non-printable character
+except tab and line breaks. Every string written here is checked or escaped against those rules, so
+the file says exactly the instructions `render` meant, whatever the model path or system prompt.
+"""
 
 from __future__ import annotations
 
@@ -58,18 +65,66 @@ def parameters(stop: list[str], temperature: float | None, top_p: float | None, 
     return params
 
 
-def _quoted_block(keyword: str, text: str) -> str:
+_LINE_BREAKS = "\r\n"
+_PARAM_NAME = re.compile(r"[A-Za-z0-9_]+")  # what the parser's parameter state accepts
+
+
+def _kept(ch: str, line_breaks: bool) -> bool:
+    """Whether Ollama's parser keeps `ch` in a value: Go's strconv.IsPrint, which is Python's
+    str.isprintable (letters, marks, numbers, punctuation, symbols, ASCII space), plus tab and,
+    inside a triple-quoted block, line breaks."""
+    return ch.isprintable() or ch == "\t" or (line_breaks and ch in _LINE_BREAKS)
+
+
+def _first_lost(text: str, line_breaks: bool) -> str | None:
+    bad = next((c for c in text if not _kept(c, line_breaks)), None)
+    return None if bad is None else f"the character {bad!r} (at {text.index(bad)})"
+
+
+def comment(text: str) -> str:
+    """`text` as one comment line: a line break would end the comment and let the rest be read as
+    instructions, so every character the parser would not keep on the line is written escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def check_block(keyword: str, text: str, where: str) -> None:
+    """Raise UserError unless `text` reads back whole from a triple-quoted KEYWORD block."""
     if '"""' in text:
-        raise UserError(f'{keyword.lower()}: the text may not contain """ (it ends a Modelfile block)')
+        raise UserError(f'{where}: the text holds """, which ends a Modelfile {keyword} block early; remove it')
+    lost = _first_lost(text, line_breaks=True)
+    if lost:
+        raise UserError(f"{where}: the text holds {lost}, which Ollama's Modelfile parser drops; remove it")
+
+
+def _quoted_block(keyword: str, text: str, where: str) -> str:
+    check_block(keyword, text, where)
     return f'{keyword} """{text}"""'
 
 
-def render(gguf_file: str, template: str, params: dict[str, Any], system: str | None, source: str) -> str:
-    """Modelfile text; `gguf_file` is relative to the Modelfile's folder (`ollama create -f` resolves it)."""
-    lines = [f"# Written by `rlhf export` from {source}", f"FROM ./{gguf_file}", _quoted_block("TEMPLATE", template)]
+def _parameter(key: str, value: Any) -> str:
+    if not _PARAM_NAME.fullmatch(key):
+        raise ValueError(f"Modelfile parameter name {key!r}: letters, digits and '_' only")
+    if not isinstance(value, str):
+        return f"PARAMETER {key} {value}"
+    lost = _first_lost(value, line_breaks=False)  # a line break could close the quotes and start an instruction
+    if lost:
+        raise UserError(f"PARAMETER {key} {value!r}: the value holds {lost}, which a Modelfile line cannot hold")
+    return f'PARAMETER {key} "{value}"'
+
+
+def render(gguf_file: str, template: str, params: dict[str, Any], system: str | None, source: str, *,
+           system_source: str = "--system") -> str:
+    """Modelfile text; `gguf_file` is relative to the Modelfile's folder (`ollama create -f` resolves it).
+    `source` (any text) goes into the header comment; `system_source` names where `system` came from."""
+    if (not gguf_file or gguf_file.strip() != gguf_file or _first_lost(gguf_file, line_breaks=False)
+            or any(c in gguf_file for c in '"/\\')):
+        raise UserError(f"--name: the GGUF file name {gguf_file!r} cannot stand on a Modelfile's FROM line (it holds "
+                        "a quote, slash, line break or control character); pass a plain --name, e.g. chip-advisor")
+    lines = [f"# Written by `rlhf export` from {comment(source)}", f"FROM ./{gguf_file}",
+             _quoted_block("TEMPLATE", template, "the chat template")]
     if system:
-        lines.append(_quoted_block("SYSTEM", system))
+        lines.append(_quoted_block("SYSTEM", system, system_source))
     for key, value in params.items():
         for v in value if isinstance(value, list) else [value]:
-            lines.append(f'PARAMETER {key} "{v}"' if isinstance(v, str) else f"PARAMETER {key} {v}")
+            lines.append(_parameter(key, v))
     return "\n".join(lines) + "\n"
