@@ -170,8 +170,8 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny_stack: dict[st
                 "reward_after"):
         assert resumed[key] == expected[key], key
     assert logged(out) == logged(ref)
-    a = torch.load(out / "checkpoints" / "update-000008" / "trainer.pt", weights_only=False)["model"]
-    b = torch.load(ref / "checkpoints" / "update-000008" / "trainer.pt", weights_only=False)["model"]
+    a = torch.load(out / "checkpoints" / "update-000008" / "trainer.pt", weights_only=True)["model"]
+    b = torch.load(ref / "checkpoints" / "update-000008" / "trainer.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -366,3 +366,61 @@ def test_run_frees_the_trainer_and_its_models(tiny_stack: dict[str, str], tmp_pa
     assert gc.get_freeze_count() == 0
     assert alive and all(ref() is None for ref in alive)
     assert (tmp_path / "run" / "ppo_curves.png").is_file()
+
+
+class _RunsCode:
+    """A pickle that, once unpickled, writes a file: what a planted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.write_text, (self.marker, "ran"))
+
+
+@pytest.mark.parametrize("planted", ["trainer.pt", "rng-0.pt"])
+def test_a_planted_checkpoint_is_refused_and_never_runs(tiny_stack: dict[str, str], tmp_path: Path,
+                                                        planted: str) -> None:
+    out = tmp_path / "ppo"
+    over = {"total_episodes": 16, "save_every": 1, "eval_prompts": 0}
+    run(build(PPOConfig, ppo_args(tiny_stack, out, **over), "t"))  # a real run, then one file replaced
+    ckpt = sorted((out / "checkpoints").glob("update-*"))[-1]
+    marker = tmp_path / "pwned"
+    torch.save({"model": _RunsCode(marker)}, ckpt / planted)
+    (out / "metrics.json").unlink()
+    proc = subprocess.run([sys.executable, "-m", "rlhf", "ppo", *_ppo_cmd(tiny_stack, out, **over)],
+                          env=cli_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.strip().splitlines() if "Warning" not in x and x.strip()]
+    assert len(lines) == 1 and planted in lines[0] and "refused" in lines[0], proc.stderr[-2000:]
+    assert not marker.exists()
+
+
+def test_resume_refuses_changed_settings_and_resume_false_starts_over(tiny_stack: dict[str, str],
+                                                                      tmp_path: Path) -> None:
+    out = tmp_path / "ppo"
+    over = {"total_episodes": 16, "save_every": 1, "eval_prompts": 0}
+    run(build(PPOConfig, ppo_args(tiny_stack, out, **over), "t"))
+    for key, value in (("learning_rate", 5e-4), ("kl_coef", 0.5), ("seed", 4), ("total_episodes", 32)):
+        with pytest.raises(UserError, match=rf"differ from the checkpoint's \({key} .*--resume false"):
+            run(build(PPOConfig, ppo_args(tiny_stack, out, **{**over, key: value}), "t"))
+    # what only changes logging or where checkpoints go may differ
+    run(build(PPOConfig, ppo_args(tiny_stack, out, **{**over, "log_every": 2, "sample_every": 1}), "t"))
+    fresh = run(build(PPOConfig, ppo_args(tiny_stack, out, **{**over, "total_episodes": 32, "resume": False}), "t"))
+    assert fresh["resumed_from_update"] == 0 and fresh["updates"] == 4
+    assert [r["update"] for r in logged(out)] == [1, 2, 3, 4]  # the earlier run's rows are gone
+
+
+def test_a_policy_folder_rlhf_did_not_write_is_refused_before_training(tiny_stack: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "ppo"
+    mine = out / "policy" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my own")
+    args = ppo_args(tiny_stack, out, total_episodes=16, eval_prompts=0)
+    with pytest.raises(UserError, match=r"policy holds files rlhf did not write.*--overwrite true"):
+        run(build(PPOConfig, args, "t"))
+    assert mine.read_text() == "my own" and not (out / "metrics.jsonl").exists()
+    run(build(PPOConfig, {**args, "overwrite": True}, "t"))
+    assert not mine.exists() and (out / "policy" / ".rlhf-owned").is_file()
+    run(build(PPOConfig, {**args, "resume": False}, "t"))  # its own policy/ is replaced without the flag

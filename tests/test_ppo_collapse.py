@@ -3,6 +3,7 @@ a critic warm-up, and the warning when one answer takes over anyway."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from rlhf.chips import action_token_index
 from rlhf.config import build
 from rlhf.errors import UserError
 from rlhf.ppo import core
+from rlhf.ppo import trainer as trainer_module
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.metrics import CollapseWatch
 from rlhf.ppo.trainer import PPOTrainer, PromptStream
@@ -104,3 +106,39 @@ def test_group_baseline_needs_groups() -> None:
         build(PPOConfig, {"score_baseline": "group"}, "t")
     with pytest.raises(UserError, match="multiple of samples_per_prompt"):
         build(PPOConfig, {"batch_size": 8, "samples_per_prompt": 3}, "t")
+
+
+def test_answer_entropy_bonus_by_hand() -> None:
+    classes = ["increase", "increase", "increase", "decrease", None]
+    bonus = core.answer_entropy_bonus(classes, 2.0)
+    p_inc, p_dec = 0.75, 0.25
+    h = -(p_inc * math.log(p_inc) + p_dec * math.log(p_dec))
+    expected = [-2 * (math.log(p_inc) + h)] * 3 + [-2 * (math.log(p_dec) + h), 0.0]
+    assert torch.allclose(bonus, torch.tensor(expected))
+    assert abs(float(bonus[:4].sum())) < 1e-6  # zero-mean over the answers that have an action
+    assert float(bonus[3]) > 0 > float(bonus[0])  # the rare answer gains, the dominant one pays
+    assert torch.allclose(core.answer_entropy_bonus(["a", "b", "c"], 1.0), torch.zeros(3), atol=1e-9)  # even: no push
+    assert torch.equal(core.answer_entropy_bonus(classes, 0.0), torch.zeros(5))
+
+
+@pytest.mark.parametrize("coef", [0.0, 1.0])
+def test_answer_entropy_bonus_alone_moves_the_policy(tiny_stack: dict[str, str], tmp_path: Path,
+                                                      coef: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a reward model that scores every answer 0 there is nothing to learn, unless the bonus for
+    the batch's answer mix is on; then the policy moves. The test stack's SFT model rarely finishes
+    an answer, so the judge here reads an uneven mix (5 increase, 3 decrease) off the rows."""
+    rows = iter(range(10**6))
+    monkeypatch.setattr(trainer_module, "judge",
+                        lambda prompt, text, stopped: (0.0, False, "increase" if next(rows) % 8 < 5 else "decrease"))
+    trainer = _trainer(tiny_stack, tmp_path / str(coef), answer_entropy_coef=coef, missing_eos_penalty=0.0)
+    trainer.reward_fn = lambda prompts, texts, has_stop: torch.zeros(len(prompts))
+    before = _policy_weights(trainer)
+    batch = trainer.rollout(trainer.stream.batch(0, 8, 0, 1))
+    assert sorted(batch["actions"]) == ["decrease"] * 3 + ["increase"] * 5
+    trainer.learn(batch, 0)
+    assert _changed(before, trainer._policy_params) == (coef > 0)
+
+
+def test_answer_entropy_coef_must_not_be_negative() -> None:
+    with pytest.raises(UserError, match="answer_entropy_coef"):
+        build(PPOConfig, {"answer_entropy_coef": -0.5}, "t")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from rlhf.config import field
 from rlhf.errors import UserError
 from rlhf.models import ModelOptions
+
+# Keys a resumed run may change: outputs, logging, checkpoint cadence, threading. Any other
+# difference from the checkpoint's settings would silently mix two trainings.
+NOT_TRAINING = frozenset({"output_dir", "resume", "overwrite", "log_every", "sample_every", "save_every",
+                          "keep_checkpoints", "report_to", "eval_prompts", "collapse_share", "parallel_value",
+                          "gc_freeze"})
 
 
 @dataclass
@@ -60,6 +67,10 @@ class PPOConfig(ModelOptions):
         "none", help="baseline taken out of each score before GAE: 'none'; 'batch' (standardised over the "
                      "batch); 'group' (minus the mean of the other samples of the same prompt, RLOO's "
                      "leave-one-out; needs samples_per_prompt >= 2)")
+    answer_entropy_coef: float = field(
+        0.0, help="bonus coef * -log(share of the answer's action in the batch), centred: ascends the entropy "
+                  "of the batch's action mix, so no single answer takes over every prompt, while the policy "
+                  "stays free to be sure per prompt (0: off)")
     # optimisation
     learning_rate: float = field(1e-4, help="AdamW learning rate (policy and value)")
     lr_schedule: Literal["constant", "linear"] = field("linear", help="learning-rate schedule over updates")
@@ -82,12 +93,20 @@ class PPOConfig(ModelOptions):
     eval_prompts: int = field(200, help="held-out prompts for agreement before and after (0: skip)")
     save_every: int = field(10, help="checkpoint every N updates (0: only at the end)")
     keep_checkpoints: int = field(2, help="checkpoints kept on disk")
-    resume: bool = field(True, help="continue from the last checkpoint in output_dir when there is one")
+    resume: bool = field(True, help="continue from the last checkpoint in output_dir when there is one (refused "
+                                    "when a setting that changes training differs from the checkpoint's)")
+    overwrite: bool = field(False, help="start fresh in output_dir whatever it holds: its checkpoints are ignored "
+                                        "and policy/ and value/ replaced even when rlhf did not write them")
     report_to: str = field("tensorboard", help="accelerate tracker: tensorboard | none")
     parallel_value: bool = field(True, help="the value model's forward/backward (and the scoring) on a second thread "
                                             "beside the policy's, each with half the torch threads, where it pays: "
                                             "one process, a CPU, a policy under 50M parameters. Same math")
     gc_freeze: bool = field(True, help="gc.freeze() after loading: cyclic GC over model objects costs seconds")
+
+    def training_settings(self) -> dict[str, Any]:
+        """The settings a checkpoint was trained with: every key but those that only say where to
+        write, what to log or how fast to run (same numbers either way)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_TRAINING}
 
     def validate(self) -> None:
         if self.batch_size % self.num_mini_batches:
@@ -99,6 +118,8 @@ class PPOConfig(ModelOptions):
         if self.score_baseline == "group" and self.samples_per_prompt < 2:
             raise UserError("score_baseline 'group' needs samples_per_prompt >= 2 (each answer is compared "
                             "with its siblings); set --samples_per_prompt 4 or --score_baseline none")
+        if self.answer_entropy_coef < 0:
+            raise UserError(f"answer_entropy_coef must be >= 0, got {self.answer_entropy_coef}")
         if self.total_episodes < self.batch_size:
             raise UserError(f"total_episodes ({self.total_episodes}) must be at least batch_size ({self.batch_size})")
         if self.stop_token not in ("eos", "none"):

@@ -121,6 +121,31 @@ def centre_scores(scores: Tensor, mode: str, group_size: int = 1) -> Tensor:
     raise ValueError(f"score baseline must be 'none', 'batch' or 'group', got {mode!r}")
 
 
+def answer_entropy_bonus(classes: list[str | None], coef: float) -> Tensor:
+    """A per-answer bonus whose policy gradient is coef * grad H(p), with p the batch's share of each
+    answer class (an action here; None for an answer with no class, which gets 0).
+
+    bonus_i = -coef * (log p(c_i) + H(p)): REINFORCE with -log p(c) as the reward ascends the
+    entropy of the batch's class mix (the +1 of d/dp(-p log p) has zero mean and drops out), and
+    the H(p) shift makes the bonus zero-mean over the classed answers. It penalises a policy that
+    gives every prompt the same answer, not one that is confident per prompt: a policy that answers
+    each chip correctly keeps the teacher's mix (33/33/34 %) and gets no push at all."""
+    counts: dict[str, int] = {}
+    for c in classes:
+        if c is not None:
+            counts[c] = counts.get(c, 0) + 1
+    n = sum(counts.values())
+    out = torch.zeros(len(classes))
+    if coef == 0 or n == 0:
+        return out
+    log_p = {c: math.log(k / n) for c, k in counts.items()}
+    entropy = -sum(k / n * log_p[c] for c, k in counts.items())
+    for i, c in enumerate(classes):
+        if c is not None:
+            out[i] = -coef * (log_p[c] + entropy)
+    return out
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over the valid tokens of each row.
 

@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -34,7 +35,15 @@ from rlhf.chips import ACTIONS, action_token_index
 from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
 from rlhf.generation import chat_ids, evaluate_policy, generate, judge, left_pad
-from rlhf.io import append_jsonl, atomic_write_json, read_jsonl, write_metrics
+from rlhf.io import (
+    append_jsonl,
+    atomic_write_json,
+    check_removable,
+    mark_owned,
+    read_jsonl,
+    remove_owned_dir,
+    write_metrics,
+)
 from rlhf.models import (
     add_lora,
     load_causal_lm,
@@ -124,6 +133,7 @@ class SideThread:
 # on SmolLM2-135M (26 vs 20 s per update: a 135M model keeps both cores busy alone, and generation
 # then runs on half the threads).
 SIDE_THREAD_MAX_PARAMS = 50_000_000
+OVERWRITE = "--overwrite true"  # the option that lets a run replace folders rlhf did not write
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -160,13 +170,30 @@ class PromptStream:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.random.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors, ints and tuples only: what torch.load(weights_only=True) reads
+    back without unpickling any object (numpy's key array travels as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.random.get_rng_state(), "python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def load_checkpoint_file(path: Path, device: Any = "cpu") -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only. A file that needs any
+    other object unpickled is refused before anything in it runs (a planted checkpoint in an output
+    folder would otherwise execute code on resume)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path}: refused, not a checkpoint rlhf wrote (it asks to unpickle "
+                        f"{str(err).splitlines()[0][:120]!r}); delete that checkpoint folder or use a new "
+                        "--output_dir") from None
 
 
 class PPOTrainer:
@@ -374,16 +401,18 @@ class PPOTrainer:
         graphs = (logp, values) if reuse else None  # the first PPO step's forwards, with their graphs
         logp, values = logp.detach(), values.detach()
         scores = scores.to(self.device)
+        decisions = self._decisions(prompts, g.texts, has_stop, response, mask, entropy)
         kl = core.kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
-        # the score less its baseline (none, batch or the prompt's other samples) is what PPO learns from
-        centred = core.centre_scores(scores, cfg.score_baseline, cfg.samples_per_prompt)
+        bonus = core.answer_entropy_bonus(decisions["actions"], cfg.answer_entropy_coef).to(self.device)
+        # the score (plus the answer-mix bonus) less its baseline (none, batch or the prompt's other
+        # samples) is what PPO learns from
+        centred = core.centre_scores(scores + bonus, cfg.score_baseline, cfg.samples_per_prompt)
         rewards = core.per_token_rewards(centred, kl, mask, self.kl_coef)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = core.masked_whiten(advantages, mask)
         t_fwd = time.perf_counter() - t1 - t_score  # with the side thread: what scoring did not overlap
-        decisions = self._decisions(prompts, g.texts, has_stop, response, mask, entropy)
         return {**decisions, "entropy": core.masked_mean(entropy, mask),
                 "ids": ids, "att": att, "response": response, "mask": mask, "n_resp": n_resp,
                 "logp": logp, "values": values, "advantages": advantages, "returns": returns, "scores": scores,
@@ -572,7 +601,8 @@ class PPOTrainer:
         torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            atomic_write_json(tmp / "state.json", {"update": update, "kl_coef": self.kl_coef, "world_size": self.world})
+            atomic_write_json(tmp / "state.json", {"update": update, "kl_coef": self.kl_coef, "world_size": self.world,
+                                                   "settings": self.cfg.training_settings()})
             os.replace(tmp, final)  # a checkpoint exists whole or not at all
             for old in self._checkpoint_dirs()[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -586,14 +616,16 @@ class PPOTrainer:
 
     def maybe_resume(self) -> None:
         ckpts = self._checkpoint_dirs()
-        if not (self.cfg.resume and ckpts):
+        if not (self.cfg.resume and ckpts) or self.cfg.overwrite:
+            self._start_fresh()
             return
         ck = ckpts[-1]
         state = json.loads((ck / "state.json").read_text())
         if state.get("world_size", 1) != self.world:
             raise UserError(f"{ck}: written by {state.get('world_size')} processes, resumed with {self.world}; "
                             "resume with the same number or start a new --output_dir")
-        blob = torch.load(ck / "trainer.pt", map_location=self.device, weights_only=False)
+        self._check_same_settings(ck, state.get("settings"))
+        blob = load_checkpoint_file(ck / "trainer.pt", self.device)
         missing = self.inner.load_state_dict(blob["model"], strict=False)
         if missing.unexpected_keys:
             raise UserError(f"{ck}: checkpoint does not match this model ({missing.unexpected_keys[0]}); "
@@ -605,7 +637,7 @@ class PPOTrainer:
             opt.load_state_dict(sd)
         for sch, sd in zip(self.schedulers, blob["schedulers"], strict=True):
             sch.load_state_dict(sd)
-        _set_rng_state(torch.load(ck / f"rng-{self.rank}.pt", weights_only=False))
+        _set_rng_state(load_checkpoint_file(ck / f"rng-{self.rank}.pt"))
         self.kl_coef = state["kl_coef"]
         if self.kl_ctl:
             self.kl_ctl.value = self.kl_coef
@@ -617,6 +649,31 @@ class PPOTrainer:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             os.replace(tmp, log)
         print(f"resuming from {ck} (update {self.start_update} of {self.num_updates})", flush=True)
+
+    def _check_same_settings(self, ck: Path, saved: dict[str, Any] | None) -> None:
+        """A resume continues the checkpoint's training, so its settings must be this run's: a new
+        learning rate, KL coefficient, seed or batch would silently mix two trainings."""
+        fresh = "--resume false (or --overwrite true) to start over in this folder, or use a new --output_dir"
+        if saved is None:
+            raise UserError(f"{ck}: the checkpoint does not record its settings, so resuming could mix two "
+                            f"trainings; pass {fresh}")
+        now = json.loads(json.dumps(self.cfg.training_settings()))  # as state.json holds them
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise UserError(f"{ck}: this run's settings differ from the checkpoint's ({shown}{more}); rerun with "
+                            f"the checkpoint's values to resume, or pass {fresh}")
+
+    def _start_fresh(self) -> None:
+        """A run that does not resume starts its own metrics.jsonl and checkpoints: an earlier run's
+        rows would be read as this one's, and its checkpoints block this run's of the same number."""
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            for old in self._checkpoint_dirs():  # update-N folders with a state.json: only rlhf writes those
+                shutil.rmtree(old)
+        self.acc.wait_for_everyone()
 
     # ---- evaluation and outputs -----------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -649,19 +706,21 @@ class PPOTrainer:
     def save_outputs(self) -> None:
         if not self.acc.is_main_process:
             return
-        policy = self.inner.policy
-        target = self.out / "policy"
-        tmp = self.out / ".tmp-policy"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save_pretrained(tmp)
-        self.tok.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        make_adapter_relocatable(target)
-        value_dir = self.out / "value"
-        shutil.rmtree(value_dir, ignore_errors=True)
-        self.inner.value.save_pretrained(value_dir)
-        make_adapter_relocatable(value_dir)
+        for name, model in (("policy", self.inner.policy), ("value", self.inner.value)):
+            target, tmp = self.out / name, self.out / f".tmp-{name}"
+            shutil.rmtree(tmp, ignore_errors=True)  # our own scratch name, from a run killed while saving
+            model.save_pretrained(tmp)
+            if name == "policy":
+                self.tok.save_pretrained(tmp)
+            mark_owned(tmp)
+            remove_owned_dir(target, OVERWRITE, force=self.cfg.overwrite)
+            os.replace(tmp, target)  # the folder exists whole or not at all
+            make_adapter_relocatable(target)
+
+    def check_output_folders(self) -> None:
+        """Before training: policy/ and value/ will be replaced, so they must be rlhf's (or absent)."""
+        for name in ("policy", "value"):
+            check_removable(self.out / name, OVERWRITE, force=self.cfg.overwrite)
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -669,6 +728,7 @@ class PPOTrainer:
 
         cfg = self.cfg
         wall0 = time.time()
+        self.check_output_folders()
         self.maybe_resume()
         before = self._before_metrics()
         if self.acc.is_main_process:
@@ -826,7 +886,8 @@ def run(cfg: PPOConfig) -> dict[str, Any]:
         plot_ppo_curves(out)  # after the models are freed, so plotting adds nothing to the training's peak memory
         agreement = (f"agreement {metrics['agreement_before']:.3f} -> {metrics['agreement_after']:.3f}"
                      if metrics["agreement_after"] is not None else "agreement not evaluated (eval_prompts 0)")
-        print(f"PPO done: {agreement}, "
-              f"KL {metrics['kl_final']:.2f}, {metrics['episodes_per_second']:.1f} episodes/s, world size "
-              f"{metrics['world_size']} -> {cfg.output_dir}")
+        # a rerun of a finished run trains nothing: no KL or speed of its own to print
+        speed = (f"KL {metrics['kl_final']:.2f}, {metrics['episodes_per_second']:.1f} episodes/s, "
+                 if metrics["episodes_per_second"] is not None else "no updates left, ")
+        print(f"PPO done: {agreement}, {speed}world size {metrics['world_size']} -> {cfg.output_dir}")
     return metrics
