@@ -71,20 +71,57 @@ def run_stage(name: str, argv: list[str]) -> dict[str, Any]:
         return {}
     cfg = config_mod.parse(cfg_cls, argv, name)
     out = getattr(cfg, "output_dir", "") or ""
-    new_folder = bool(out) and not os.path.exists(out)
-    if out:
-        record_config(cfg, name, out)
+    created = _missing_folders(out) if out else []
     try:
+        if out:
+            record_config(cfg, name, out)
         return fn(cfg) or {}
     except UserError:
-        # refused before producing anything (a bad key the stage checks itself): leave no folder behind
-        if new_folder and os.path.isdir(out) and os.listdir(out) == [RECORDED_CONFIG]:
-            os.remove(os.path.join(out, RECORDED_CONFIG))
-            os.rmdir(out)
+        # refused before producing anything (a bad key or file the stage checks itself): leave no folder behind
+        _remove_record(out, created)
         raise
 
 
 RECORDED_CONFIG = "rlhf_config.yaml"
+
+
+def _missing_folders(out: str) -> list[str]:
+    """`out` and those of its parents that do not exist yet, deepest first (what recording creates)."""
+    missing: list[str] = []
+    path = os.path.abspath(out)
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_record(out: str, created: list[str]) -> None:
+    """Undo record_config when the stage wrote nothing else: the record, then the folders it created."""
+    if not created:  # the folder was there before: keep it (and the record of this attempt)
+        return
+    record = os.path.join(out, RECORDED_CONFIG)
+    if os.path.isdir(out) and os.listdir(out) == [RECORDED_CONFIG]:
+        os.remove(record)
+    for folder in created:
+        try:
+            os.rmdir(folder)  # only empty ones: anything the stage wrote stays
+        except OSError:
+            return
+
+
+def _unwritable(out: str, err: OSError) -> UserError:
+    """One line for an output folder that cannot be created or written."""
+    path = os.path.abspath(out)
+    while not os.path.lexists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        why = f"{path} is a file, not a folder"
+    else:
+        why = err.strerror or type(err).__name__
+        if err.filename:
+            why += f": {err.filename}"
+    return UserError(f"--output_dir {out}: cannot create the folder or write in it ({why}); "
+                     "pass a folder you can write to")
 
 
 def record_config(cfg: Any, stage: str, out: str) -> None:
@@ -102,9 +139,12 @@ def record_config(cfg: Any, stage: str, out: str) -> None:
     if world_info()["rank"] != 0:
         return
     values = json.loads(json.dumps(to_dict(cfg), default=str))  # tuples -> lists, paths -> str: plain YAML
-    atomic_write_text(os.path.join(out, RECORDED_CONFIG),
-                      f"# rlhf {stage}: the settings of the last run into this folder\n"
-                      + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+    try:
+        atomic_write_text(os.path.join(out, RECORDED_CONFIG),
+                          f"# rlhf {stage}: the settings of the last run into this folder\n"
+                          + yaml.safe_dump(values, sort_keys=False, allow_unicode=True))
+    except OSError as e:
+        raise _unwritable(out, e) from None
 
 
 def main(argv: list[str] | None = None) -> int:

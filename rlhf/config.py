@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import math
+import operator
 import types
 import typing
 from pathlib import Path
@@ -24,12 +26,82 @@ _TRUE = {"true", "1", "yes", "on", "y"}
 _FALSE = {"false", "0", "no", "off", "n"}
 
 
-def field(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
-    """A dataclass field with a help text (mutable defaults go through default_factory)."""
+# Value constraints a field declares; build() checks them all (check_constraints), so a bad value is
+# refused with one line before a stage creates, loads or trains anything.
+_BOUNDS: dict[str, tuple[str, Any]] = {"min": (">=", operator.ge), "gt": (">", operator.gt),
+                                       "max": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def field(default: Any = dataclasses.MISSING, help: str = "", *,  # noqa: A002
+          min: float | None = None, max: float | None = None,  # noqa: A002
+          gt: float | None = None, lt: float | None = None, finite: bool = True, why: str = "",
+          **kw: Any) -> Any:
+    """A dataclass field with a help text and value constraints (mutable defaults go through default_factory).
+
+    min/max are inclusive bounds, gt/lt exclusive ones (gt=0: strictly positive); for a list they apply
+    to every item. A float is finite (no nan/inf) unless finite=False. `why` is added to the error
+    (e.g. where a bound comes from). Choices are `Literal[...]` types, which coerce() checks.
+    """
+    bounds = {k: v for k, v in (("min", min), ("gt", gt), ("max", max), ("lt", lt)) if v is not None}
+    metadata = {"help": help, "bounds": bounds, "finite": finite, "why": why}
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return dataclasses.field(default=default, metadata=metadata, **kw)
+
+
+# numpy (HF's set_seed, sklearn, stable-baselines3) takes seeds in [0, 2**32): `field(0, **SEED)`
+SEED: dict[str, Any] = {"min": 0, "max": 2**32 - 1, "why": "numpy's seed range"}
+
+
+def constraint_text(f: dataclasses.Field) -> str:
+    """'>= 1', '> 0 and <= 1', ... ('' when the field declares no bounds)."""
+    bounds = f.metadata.get("bounds") or {}
+    return " and ".join(f"{_BOUNDS[k][0]} {v}" for k, v in bounds.items())
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: `from_` is `--from`."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def field_name(key: str) -> str:
+    """A key as written (`--key-name`, `from`) -> the field it fills (`key_name`, `from_`)."""
+    name = str(key).replace("-", "_")
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+def _violation(value: Any, f: dataclasses.Field) -> str:
+    """What is wrong with one value of field `f` ('' if nothing)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    bounds = constraint_text(f)
+    if isinstance(value, float) and f.metadata.get("finite", True) and not math.isfinite(value):
+        return "must be a finite number" + (f" {bounds}" if bounds else "")
+    for key, bound in (f.metadata.get("bounds") or {}).items():
+        if not _BOUNDS[key][1](value, bound):
+            return f"must be {bounds}"
+    return ""
+
+
+def check_constraints(obj: Any, where: str) -> None:
+    """Refuse, in one line naming key, value, rule and a fix, any value outside its field's constraints."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            problem = _violation(item, f)
+            if not problem:
+                continue
+            why = f" ({f.metadata['why']})" if f.metadata.get("why") else ""
+            shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            if f.default_factory is not dataclasses.MISSING:
+                fix = f"e.g. --{flag(f.name)} {','.join(map(str, f.default_factory()))} (the default)"
+            elif f.default is not dataclasses.MISSING and f.default is not None:
+                fix = f"e.g. --{flag(f.name)} {f.default} (the default)"
+            else:
+                number = f"a {'finite ' if isinstance(item, float) else ''}number {constraint_text(f)}".rstrip()
+                fix = f"pass {number}" + (" or leave the key out" if f.default is None else "")
+            raise UserError(f"{where}: --{flag(f.name)} {shown}: {problem}{why}; {fix}")
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
@@ -110,6 +182,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file not found: {path} (pass an existing YAML file to --config)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8 YAML") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); pass a YAML file you can read") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -133,7 +209,7 @@ def build(cls: type[T], values: dict[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        name = str(key).replace("-", "_")
+        name = field_name(key)
         if name not in fields:
             raise _unknown(str(key), list(fields), where)
         kwargs[name] = coerce(value, hints[name], f"{where}: key '{name}'")
@@ -141,8 +217,9 @@ def build(cls: type[T], values: dict[str, Any], where: str) -> T:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         key = missing[0]
-        raise UserError(f"{where}: missing required key '{key}' (set it in the YAML or pass --{key} VALUE)")
+        raise UserError(f"{where}: missing required key '{key}' (set it in the YAML or pass --{flag(key)} VALUE)")
     obj = cls(**kwargs)
+    check_constraints(obj, where)  # each field's own rules first: validate() may rely on them (no zero divisors)
     check = getattr(obj, "validate", None)
     if callable(check):
         check()
@@ -159,16 +236,14 @@ def split_overrides(argv: list[str], bool_keys: set[str]) -> tuple[str | None, d
         if not tok.startswith("--") or tok == "--":
             raise UserError(f"unexpected argument {tok!r}: options are written --key value")
         key, eq, val = tok[2:].partition("=")
-        key = key.replace("-", "_")
-        if keyword.iskeyword(key):  # `--from` fills the field `from_` (PEP 8's spelling)
-            key += "_"
+        key = field_name(key)  # `--key-name` is `--key_name`; `--from` fills the field `from_` (PEP 8's spelling)
         if not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or (nxt.startswith("--") and len(nxt) > 2):
                 if key in bool_keys:
                     val = "true"
                 else:
-                    raise UserError(f"--{key}: a value is required (write --{key} VALUE)")
+                    raise UserError(f"--{flag(key)}: a value is required (write --{flag(key)} VALUE)")
             else:
                 val = nxt
                 i += 1
@@ -197,7 +272,7 @@ def parse(cls: type[T], argv: list[str], stage: str) -> T:
         values.update(data)
         where = str(config_path)
         for key in values:
-            if str(key).replace("-", "_") not in known:
+            if field_name(key) not in known:
                 raise _unknown(str(key), list(known), where)
     for key in overrides:
         if key not in hints:
@@ -214,8 +289,10 @@ def help_text(cls: type, stage: str, doc: str) -> str:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         tp = _strip_optional(hints[f.name])[0]
         tname = getattr(tp, "__name__", str(tp).replace("typing.", ""))
-        flag = f.name[:-1] if keyword.iskeyword(f.name[:-1]) else f.name
-        lines.append(f"  --{flag} {tname} (default: {default!r})")
+        if typing.get_origin(tp) is typing.Literal:  # the choices, not the word "Literal"
+            tname = "|".join(map(str, typing.get_args(tp)))
+        rule = constraint_text(f)
+        lines.append(f"  --{flag(f.name)} {tname} (default: {default!r}{'; ' + rule if rule else ''})")
         if f.metadata.get("help"):
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)

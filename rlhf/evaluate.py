@@ -18,11 +18,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from rlhf.config import field
+from rlhf.config import SEED, field
 from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
 from rlhf.generation import evaluate_policy, generate, judge
@@ -38,28 +38,25 @@ class EvalConfig:
     models: str = field("", help="local models as name=PATH,name=PATH (a bare PATH is named after its folder)")
     data: str = field("runs/data", help="folder from `rlhf data preference` (uses test.jsonl) or a .jsonl")
     output_dir: str = field("runs/eval", help="where metrics.json goes")
-    seed: int = field(0, help="seed of the sampled answers (the same for every model)")
-    n: int = field(200, help="held-out prompts (the first n of the test split)")
+    seed: int = field(0, help="seed of the sampled answers (the same for every model)", **SEED)
+    n: int = field(200, help="held-out prompts (the first n of the test split)", min=1)
     reward_model: str = field("", help="reward model for reward_mean (empty: not measured)")
     reference: str = field("", help="reference model for kl_to_reference, usually the SFT model (empty: not measured)")
     ollama_models: str = field("", help="models served by Ollama, comma-separated: name or label=ollama_name")
     ollama_host: str = field("", help="Ollama host(s), comma-separated (default $OLLAMA_HOST)")
-    temperature: float = field(0.7, help="temperature of the sampled pass and of the KL log-probs (PPO's)")
-    max_new_tokens: int = field(48, help="answer length budget")
-    batch_size: int = field(64, help="prompts per generation batch")
+    temperature: float = field(0.7, help="temperature of the sampled pass and of the KL log-probs (PPO's)", gt=0)
+    max_new_tokens: int = field(48, help="answer length budget", min=1)
+    batch_size: int = field(64, help="prompts per generation batch", min=1)
     normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
-    n_samples: int = field(3, help="greedy sample answers kept per model in metrics.json")
-    dtype: str = field("float32", help="float32 | bfloat16 | float16 | auto")
-    concurrency: int = field(4, help="concurrent Ollama requests per host")
-    timeout: float = field(120.0, help="seconds per Ollama request")
+    n_samples: int = field(3, help="greedy sample answers kept per model in metrics.json", min=0)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
+        "float32", help="float32 | bfloat16 | float16 | auto")
+    concurrency: int = field(4, help="concurrent Ollama requests per host", min=1)
+    timeout: float = field(120.0, help="seconds per Ollama request", gt=0)
 
     def validate(self) -> None:
         if not self.models.strip() and not self.ollama_models.strip():
             raise UserError("nothing to evaluate: pass --models name=PATH,... and/or --ollama_models NAME,...")
-        if self.n < 1:
-            raise UserError(f"--n must be >= 1, got {self.n}")
-        if self.temperature <= 0:
-            raise UserError("--temperature must be > 0 (it is the sampled pass's temperature)")
 
 
 def parse_named(spec: str, what: str) -> dict[str, str]:

@@ -72,8 +72,17 @@ def iter_jsonl(path: str | os.PathLike, *, tolerate_torn_tail: bool = False) -> 
     from rlhf.errors import UserError
 
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; pass an existing .jsonl file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; pass a .jsonl file") from None
+    except PermissionError:
+        raise UserError(f"{path}: no permission to read it; fix its permissions or pass another file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); pass a .jsonl file") from None
     for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue

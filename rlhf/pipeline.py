@@ -30,9 +30,9 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from rlhf.config import build, field
+from rlhf.config import SEED, build, field, field_name
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, check_removable, is_owned, mark_owned, read_json, remove_owned_dir
 
@@ -72,13 +72,14 @@ SHARED = ("seed", "language", "dtype", "ollama_host")
 class PipelineConfig:
     name: str = field("demo", help="run name: the run folder defaults to runs/<name>, the Ollama model to <name>")
     output_dir: str = field("", help="run folder (default runs/<name>)")
-    seed: int = field(0, help="seed of every stage (a section's own seed wins)")
+    seed: int = field(0, help="seed of every stage (a section's own seed wins)", **SEED)
     base_model: str = field("tiny", help="'tiny' (built from scratch by the tiny_model section) or a model "
                                          "folder, .gguf, short name (smollm2-135m) or Hub id")
     language: str = field("en", help="prompt language of the data: en or zh")
-    dtype: str | None = field(None, help="dtype of the SFT, reward, PPO and eval models (null: each stage's default)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = field(
+        None, help="dtype of the SFT, reward, PPO and eval models (null: each stage's default)")
     ollama_host: str | None = field(None, help="Ollama host(s) for the stages that talk to Ollama (null: $OLLAMA_HOST)")
-    threads: int = field(0, help="torch CPU threads for every stage (0: torch's default, all cores). On a quiet "
+    threads: int = field(0, min=0, help="torch CPU threads for every stage (0: torch's default, all cores). On a quiet "
                                  "machine all cores are fastest; when another job shares them, 1 thread is")
     from_: str | None = field(None, help="rerun from this stage on: " + ", ".join(STAGES))
     report: bool = field(True, help="write report.md at the end")
@@ -158,9 +159,10 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         sec = _section(cfg, name)
         sec.pop("enabled", None)
         for key in sec:
-            if str(key) in WIRED[name]:
+            if field_name(key) in WIRED[name]:  # `output-dir` too: build() reads it as output_dir
                 raise UserError(f"{where}: key '{key}' is set by the pipeline (it wires the stages together); "
                                 "remove it")
+        sec = {field_name(k): v for k, v in sec.items()}  # so the wiring and shared keys below see `key-name` too
         fields = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {k: v for k, v in wiring[name].items() if k not in sec}
         for key in SHARED:

@@ -156,6 +156,9 @@ def write_report(run_dir: str | Path) -> Path:
             lines += [f"**Warning: collapse.** From update {w['update']}, {w['share']:.0%} of a batch answered "
                       f"`{w['action']}` while batch agreement stayed at {w['agreement_batch']:.2f} "
                       f"(start {w['agreement_start']:.2f}).", ""]
+        if p.get("judge_calls"):
+            lines += [f"Ollama judge: {p['judge_failures']} of {p['judge_calls']} judgements failed "
+                      "(each scored a neutral 0.5).", ""]
     else:
         lines += ["Missing: `ppo/metrics.json` not found.", ""]
     if rows:

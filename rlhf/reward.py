@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from rlhf.config import field
-from rlhf.data.schema import PREFERENCE_COLUMNS, load_rows, model_context, resolve_split
+from rlhf.config import SEED, field
+from rlhf.data.schema import PREFERENCE_COLUMNS, check_messages, load_rows, model_context, resolve_split
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, read_jsonl, write_metrics
 from rlhf.models import ModelOptions, add_lora, load_tokenizer, load_value_model, make_adapter_relocatable
@@ -53,18 +53,19 @@ class RewardConfig(ModelOptions):
     model: str = field("runs/sft", help="base of the reward model (usually the SFT model)")
     data: str = field("runs/data", help="folder from `rlhf data preference` (train.jsonl, test.jsonl) or a .jsonl")
     output_dir: str = field("runs/reward", help="where the reward model and metrics.json go")
-    seed: int = field(0, help="seed of the score head init and shuffling")
-    num_train_epochs: float = field(4.0, help="passes over the training pairs")
-    max_steps: int = field(-1, help="stop after this many optimizer steps (-1: use epochs)")
-    learning_rate: float = field(1e-4, help="peak learning rate")
-    per_device_train_batch_size: int = field(16, help="pairs per process per micro-batch")
-    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
-    warmup_steps: int = field(10, help="linear warm-up steps")
-    max_length: int = field(256, help="longest prompt+answer in tokens")
+    seed: int = field(0, help="seed of the score head init and shuffling", **SEED)
+    num_train_epochs: float = field(4.0, help="passes over the training pairs", gt=0)
+    max_steps: int = field(-1, help="stop after this many optimizer steps (-1: use epochs)", min=-1)
+    learning_rate: float = field(1e-4, help="peak learning rate", gt=0)
+    per_device_train_batch_size: int = field(16, help="pairs per process per micro-batch", min=1)
+    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step", min=1)
+    warmup_steps: int = field(10, help="linear warm-up steps", min=0)
+    max_length: int = field(256, help="longest prompt+answer in tokens", min=1)
     margin: float = field(0.0, help="constant margin in -log sigmoid(r_c - r_r - margin)")
-    center_rewards_coefficient: float = field(0.0, help="pull rewards toward zero mean (Eisenstein et al.); 0 = off")
-    eval_batch_size: int = field(64, help="pairs per batch when scoring the held-out split")
-    logging_steps: int = field(10, help="log every N steps")
+    center_rewards_coefficient: float = field(0.0, help="pull rewards toward zero mean (Eisenstein et al.); 0 = off",
+                                              min=0)
+    eval_batch_size: int = field(64, help="pairs per batch when scoring the held-out split", min=1)
+    logging_steps: int = field(10, help="log every N steps", min=1)
     gradient_checkpointing: bool = field(False, help=GRADIENT_CHECKPOINTING_HELP)
 
 
@@ -196,29 +197,37 @@ class ScoreConfig:
     response: str = field("", help="assistant answer to score")
     file: str = field("", help="JSONL with prompt/response (strings) or prompt/chosen/rejected (messages)")
     output_dir: str = field("", help="if set, write metrics.json (with every score) here")
-    seed: int = field(0, help="unused; kept for the common convention")
-    batch_size: int = field(64, help="rows per batch")
+    seed: int = field(0, help="unused; kept for the common convention", **SEED)
+    batch_size: int = field(64, help="rows per batch", min=1)
 
 
 def run_score(cfg: ScoreConfig) -> dict[str, Any]:
-    quiet_transformers()
-    tok = load_tokenizer(cfg.model, padding_side="right")
-    model = load_value_model(cfg.model, pad_token_id=tok.pad_token_id)
-    items: list[tuple[str, list[dict[str, str]]]] = []
+    items: list[tuple[str, list[dict[str, str]]]] = []  # read before the model loads: a bad file fails fast
     if cfg.file:
         for line, row in enumerate(read_jsonl(cfg.file), start=1):
             prompt = row.get("prompt")
-            user = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt or "")}]
             answers = [(k, row[k]) for k in ("response", "chosen", "rejected") if k in row]
-            if not answers or not user or not user[-1].get("content"):
+            if not answers or not prompt:
                 raise UserError(f"{cfg.file}: row {line}: needs 'prompt' and 'response' (or 'chosen'/'rejected')")
+            for key, value in [("prompt", prompt), *answers]:
+                if isinstance(value, list):
+                    check_messages(value, Path(cfg.file), line, key)
+                elif not isinstance(value, str):
+                    raise UserError(f"{cfg.file}: row {line}: '{key}' must be a string or a list of messages, "
+                                    f"got {type(value).__name__}")
+            user = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             for key, ans in answers:
-                msgs = ans if isinstance(ans, list) else [{"role": "assistant", "content": str(ans)}]
+                msgs = ans if isinstance(ans, list) else [{"role": "assistant", "content": ans}]
                 items.append((f"row {line} {key}", user + msgs))
+        if not items:
+            raise UserError(f"{cfg.file}: no rows; write one JSON object per line with 'prompt' and 'response'")
     elif cfg.prompt and cfg.response:
         items.append(("", [{"role": "user", "content": cfg.prompt}, {"role": "assistant", "content": cfg.response}]))
     else:
         raise UserError("pass --prompt TEXT --response TEXT, or --file FILE.jsonl")
+    quiet_transformers()
+    tok = load_tokenizer(cfg.model, padding_side="right")
+    model = load_value_model(cfg.model, pad_token_id=tok.pad_token_id)
     scores = score_texts(model, tok, [c for _, c in items], cfg.batch_size)
     for (label, conv), s in zip(items, scores):
         print(f"{s:+.4f}  {label}  {conv[-1]['content'][:100]}".replace("  ", " ", 1 if not label else 0))

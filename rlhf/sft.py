@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import field
+from rlhf.config import SEED, field
 from rlhf.data.schema import SFT_COLUMNS, load_rows, model_context, resolve_split
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer, make_adapter_relocatable
@@ -24,17 +24,17 @@ class SFTStageConfig(ModelOptions):
     model: str = field("runs/tiny-model", help="base model: folder, .gguf, short name or Hub id")
     data: str = field("runs/data", help="folder from `rlhf data preference` (sft.jsonl, test.jsonl) or a .jsonl")
     output_dir: str = field("runs/sft", help="where the SFT model and metrics.json go")
-    seed: int = field(0, help="seed for weights init order, shuffling and evaluation sampling")
-    num_train_epochs: float = field(3.0, help="passes over the SFT split")
-    max_steps: int = field(-1, help="stop after this many optimizer steps (-1: use epochs)")
-    learning_rate: float = field(2e-4, help="peak learning rate")
-    per_device_train_batch_size: int = field(16, help="batch per process")
-    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
-    warmup_steps: int = field(10, help="linear warm-up steps")
-    max_length: int = field(256, help="longest prompt+answer in tokens")
-    eval_prompts: int = field(200, help="held-out prompts (test split) for agreement after SFT; 0 skips")
-    max_new_tokens: int = field(48, help="answer length budget during evaluation")
-    logging_steps: int = field(10, help="log every N steps")
+    seed: int = field(0, help="seed for weights init order, shuffling and evaluation sampling", **SEED)
+    num_train_epochs: float = field(3.0, help="passes over the SFT split", gt=0)
+    max_steps: int = field(-1, help="stop after this many optimizer steps (-1: use epochs)", min=-1)
+    learning_rate: float = field(2e-4, help="peak learning rate", gt=0)
+    per_device_train_batch_size: int = field(16, help="batch per process", min=1)
+    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step", min=1)
+    warmup_steps: int = field(10, help="linear warm-up steps", min=0)
+    max_length: int = field(256, help="longest prompt+answer in tokens", min=1)
+    eval_prompts: int = field(200, help="held-out prompts (test split) for agreement after SFT; 0 skips", min=0)
+    max_new_tokens: int = field(48, help="answer length budget during evaluation", min=1)
+    logging_steps: int = field(10, help="log every N steps", min=1)
     gradient_checkpointing: bool = field(False, help=GRADIENT_CHECKPOINTING_HELP)
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 
 from rlhf.cli import STAGES
-from rlhf.config import parse
+from rlhf.config import build, field, help_text, parse
 from rlhf.data.preference import PreferenceConfig
 from rlhf.errors import UserError
 
@@ -107,3 +108,48 @@ def test_a_stage_runs_end_to_end_from_yaml(cli, tmp_path):
     assert parse(PreferenceConfig, ["--config", str(recorded)], "data preference") == parse(
         PreferenceConfig, ["--config", str(config), "--seed", "7"], "data preference")
     assert "seed: 7" in recorded.read_text()
+
+
+@dataclass
+class _Bounded:
+    count: int = field(2, help="at least one", min=1)
+    rate: float = field(0.5, help="a share", gt=0, max=1)
+    sizes: list[int] = field([4, 4], help="each at least one", min=1)
+    limit: float | None = field(None, help="optional, >= 0", min=0)
+    anything: float = field(0.0, help="inf allowed", finite=False)
+    need: float = field(1.0, help="a positive number", gt=0, why="it divides")
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"count": 0}, "t: --count 0: must be >= 1; e.g. --count 2 (the default)"),
+    ({"rate": "0"}, "t: --rate 0.0: must be > 0 and <= 1; e.g. --rate 0.5 (the default)"),
+    ({"rate": 1.5}, "--rate 1.5: must be > 0 and <= 1; e.g. --rate 0.5 (the default)"),
+    ({"rate": "nan"}, "--rate nan: must be a finite number > 0 and <= 1; e.g. --rate 0.5 (the default)"),
+    ({"sizes": "4,0"}, "--sizes 4,0: must be >= 1; e.g. --sizes 4,4 (the default)"),
+    ({"limit": -1}, "--limit -1.0: must be >= 0; pass a finite number >= 0 or leave the key out"),
+    ({"need": 0}, "--need 0.0: must be > 0 (it divides); e.g. --need 1.0 (the default)"),
+])
+def test_declared_constraints_are_checked_by_build(values, message):
+    with pytest.raises(UserError) as err:
+        build(_Bounded, values, "t")
+    assert str(err.value) == (message if message.startswith("t: ") else f"t: {message}")
+
+
+def test_values_inside_the_constraints_pass():
+    cfg = build(_Bounded, {"count": 1, "rate": 1, "sizes": [1], "limit": None, "anything": "inf"}, "t")
+    assert (cfg.count, cfg.rate, cfg.sizes, cfg.limit, cfg.anything) == (1, 1.0, [1], None, float("inf"))
+
+
+def test_help_shows_the_constraints():
+    text = help_text(_Bounded, "t", "doc")
+    assert "--count int (default: 2; >= 1)" in text and "--rate float (default: 0.5; > 0 and <= 1)" in text
+
+
+def test_dashed_and_keyword_keys_in_yaml_and_on_the_command_line(tmp_path):
+    from rlhf.pipeline import PipelineConfig
+
+    config = tmp_path / "p.yaml"
+    config.write_text("from: ppo\nollama-host: h:1\n")
+    cfg = parse(PipelineConfig, ["--config", str(config), "--output-dir", str(tmp_path / "run")], "pipeline")
+    assert (cfg.from_, cfg.ollama_host, cfg.output_dir) == ("ppo", "h:1", str(tmp_path / "run"))
+    assert parse(PipelineConfig, ["--from", "sft"], "pipeline").from_ == "sft"

@@ -201,6 +201,58 @@ def test_ollama_judge_failures_count_as_neutral() -> None:
         assert info["judge_reward"] == NEUTRAL and judge.stats()["failures_neutral"] == 4
 
 
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_ollama_judge_checks_the_host_and_the_model_when_built() -> None:
+    from rlhf.gym.judge import make_judge
+
+    with pytest.raises(UserError, match=r"cannot reach Ollama at http://127\.0\.0\.1:\d+: start it with `ollama serve"):
+        make_judge("ollama", ollama_host=_closed_port_url())
+    with LoopbackOllama(sources={"judge": _score_source}) as server:
+        with pytest.raises(UserError, match=r"does not have model 'qwen2\.5:7b': run `ollama pull qwen2\.5:7b`"):
+            make_judge("ollama", ollama_host=server.url)
+        assert not server.chat_requests()
+
+
+def _tiny_train(out: Path, **kw) -> dict:
+    from rlhf.gym.train import GymTrainConfig, run_train
+
+    return run_train(GymTrainConfig(output_dir=str(out), total_timesteps=128, n_envs=2, n_steps=64, batch_size=64,
+                                    n_epochs=1, eval_episodes=2, judge="ollama", ollama_model="judge", **kw))
+
+
+def test_training_stops_when_most_judgements_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("rlhf.teachers.ollama.MAX_BACKOFF", 0.0)  # the retries' waits, not what is tested
+    with LoopbackOllama(sources={"judge": _score_source}, faults=Faults(down_after=0)) as server:
+        url = server.url
+        with pytest.raises(UserError) as err:
+            _tiny_train(tmp_path, ollama_host=url)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"the Ollama judge (model 'judge' at {url}) failed on "
+                                                     "20 of its last 20 judgements (http_5xx 20), more than 50%")
+    assert message.endswith("check its log (the `ollama serve` output); fix it and rerun, or use --judge model "
+                            "(offline)")
+    assert not (tmp_path / "agent.zip").exists()
+
+
+def test_training_logs_and_records_judge_failures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    faults = Faults(bad_prompt=lambda p: "Proposed action: 3 " in p)  # one action of four never conforms
+    with LoopbackOllama(sources={"judge": _score_source}, faults=faults) as server:
+        m = _tiny_train(tmp_path, ollama_host=server.url)
+    judge = m["judge"]
+    assert judge["queries"] > 0 and judge["failures_neutral"] == judge["queries"] // 4
+    assert json.loads((tmp_path / "metrics.json").read_text())["judge"]["failures_neutral"] == judge["failures_neutral"]
+    assert judge["ollama"]["failures"] == {"not_json": judge["failures_neutral"]}
+    log = capsys.readouterr().out
+    assert "ollama judge: " in log and " judgements failed (scored a neutral 0.5)" in log
+
+
 # -- training ----------------------------------------------------------------------------------------
 
 

@@ -387,6 +387,56 @@ def test_host_failure_mid_run_stops_and_keeps_rows(tmp_path):
     assert metrics["skipped"] == 0
 
 
+def test_a_timeout_stops_without_skipping_the_chip_and_the_rerun_is_identical(tmp_path):
+    """A timeout after every retry is the host's: the message names --timeout, the chip is not marked
+    skipped, and the rerun asks it again and ends byte-identical to a run that never timed out."""
+    from ollama_server import rule_source
+
+    args = ("--teacher", "ollama", "--n", "20", "--sft_n", "10", "--retries", "1", "--backoff", "0",
+            "--batch_size", "5", "--concurrency", "1", "--timeout", "0.3")
+    slow_chip = list(itertools.islice(spec_stream(0), 8))[-1]
+    slow = {"on": True}
+
+    def source(messages, fmt, options):
+        if slow["on"] and dims_prompt(slow_chip) in messages[-1]["content"]:
+            time.sleep(1.0)
+        return rule_source(messages, fmt, options)
+
+    with LoopbackOllama() as server:
+        run(make_cfg(tmp_path / "ref", *args, "--ollama_host", server.url))
+    out = tmp_path / "timed_out"
+    with LoopbackOllama(sources={"qwen2.5:7b": source}) as server:
+        cfg = make_cfg(out, *args, "--ollama_host", server.url)
+        with pytest.raises(UserError, match=rf"chip {slow_chip.key()} \(timeout: no answer within --timeout 0\.3 s "
+                                            r"in 2 attempts; raise --timeout.*the 7 rows written are kept: rerun"):
+            run(cfg)
+        assert (out / "skipped.jsonl").read_text() == ""
+        slow["on"] = False
+        metrics = run(cfg)
+    assert metrics["resumed_rows"] == 7 and metrics["skipped"] == 0
+    assert file_bytes(out) == file_bytes(tmp_path / "ref")
+    assert metrics["failures"] == {} and json.loads((out / "manifest.json").read_text())["attempt_failures"] == {
+        "timeout": 2}
+
+
+def test_requests_of_a_killed_run_are_counted(tmp_path):
+    """The manifest counts every request the server saw, those of a run killed mid-batch included."""
+    args = ("--n", "40", "--sft_n", "0", "--teacher", "ollama", "--batch_size", "40", "--concurrency", "1")
+    with LoopbackOllama(latency=0.05) as server:
+        proc = _start(tmp_path, *args, "--ollama_host", server.url)
+        while proc.poll() is None and len(server.chat_requests()) < 10:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-request: the server sleeps 50 ms before each answer
+        proc.wait(timeout=60)
+        assert not (tmp_path / "train.jsonl").read_text()  # killed before the batch was written
+        metrics = run(make_cfg(tmp_path, *args, "--ollama_host", server.url))
+        seen, url = len(server.chat_requests()), server.url
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert seen == 40 + 10 - metrics["cache_hits"]  # the killed run's answers came back from the cache
+    assert metrics["requests"] == manifest["requests"] == seen
+    assert manifest["requests_per_host"] == {url: seen}
+
+
 def test_a_teacher_that_never_conforms_stops(tmp_path):
     with LoopbackOllama(faults=Faults(bad_prompt=lambda p: True)) as server:
         with pytest.raises(UserError, match="no conforming answer for 50 chips in a row"):

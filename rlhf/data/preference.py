@@ -26,8 +26,10 @@ rows before it. Rows are appended in stream order (see rlhf.data.writer), so a r
 point and restarted with the same arguments drops a torn tail, skips the chips already written or
 skipped (skipped.jsonl), and ends byte-identical to an uninterrupted run. With the Ollama teacher a
 chip whose answer never conforms is skipped, logged with its reason, and the next chip takes its
-place. A failure of the host itself (unreachable, 5xx after all retries, model missing) stops the
-run with the rows kept, so a rerun resumes; so do 50 non-conforming answers in a row. The arguments
+place. Any other failure (unreachable, timeout or 5xx after all retries, model missing...) is the
+host's, not the chip's: the run stops with the rows kept and that chip not marked, so a rerun asks it
+again and resumes; so do 50 non-conforming answers in a row. Every request is appended to
+requests.jsonl as it is sent, so the manifest's request counts include those of killed runs. The arguments
 that shape the data are kept in args.json; another run into the same folder with different ones is
 refused unless --overwrite true.
 """
@@ -55,10 +57,11 @@ from rlhf.chips import (
     format_advice,
     rule_reason,
 )
-from rlhf.config import field
+from rlhf.config import SEED, field
 from rlhf.data.writer import AppendWriter, recover_jsonl
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, read_json, write_metrics
+from rlhf.teachers.ollama import CONTENT_FAULTS, read_request_log
 
 SPLITS = ("train", "test", "sft")
 STRATEGIES = ("wrong_action", "mismatched_reason", "corrupted_reason", "malformed_json", "missing_action", "off_topic")
@@ -72,15 +75,18 @@ FORMAT_VERSION = 1
 # Keys that shape the rows: a restart must use the same ones. The rest (hosts, concurrency...) may change.
 SEMANTIC_KEYS = ("teacher", "variant", "n", "seed", "language", "test_fraction", "sft_n", "sft_label_noise",
                  "rejection_weights", "rule", "ollama_model")
-# Failures of the host rather than of the answer: the run stops (rows kept) instead of skipping the chip.
+# Failures of the host rather than of the answer (every tag but CONTENT_FAULTS): the run stops (rows
+# kept) instead of skipping the chip, which would then be lost for good and change the rerun's chips.
 FATAL = {"unreachable": "start it with `ollama serve` or fix --ollama_host",
+         "timeout": "no answer within --timeout {timeout:g} s in {attempts}; raise --timeout or lower --concurrency",
          "connection": "the connection kept breaking; check the host",
-         "model_not_found": "run `ollama pull <model>` on every host",
+         "model_not_found": "run `ollama pull {model}` on every host",
          "http_5xx": "the server kept answering 5xx; check its log",
          "http_429": "the server kept refusing (429); lower --concurrency",
          "http_4xx": "the server refused the request; check --ollama_model"}
 MAX_SKIPS_IN_A_ROW = 50
-ROW_FILES = ("train.jsonl", "test.jsonl", "sft.jsonl", "skipped.jsonl", "teacher_log.jsonl")
+# teacher_log.jsonl: per-batch request counts, in folders an older rlhf started (added to requests.jsonl's).
+ROW_FILES = ("train.jsonl", "test.jsonl", "sft.jsonl", "skipped.jsonl", "requests.jsonl", "teacher_log.jsonl")
 
 OFF_TOPIC = {
     "en": ["The weather is lovely today; let's go for a walk.", "My favourite recipe uses three eggs and flour.",
@@ -97,23 +103,23 @@ class PreferenceConfig:
     teacher: str = field("rule", help="rule (embedded, deterministic) or ollama (a model served by Ollama)")
     variant: str = field("dims", help="task variant; preference data exists for dims ([length, width, height])")
     n: int = field(1000, help="train + test rows")
-    seed: int = field(0, help="same seed, same rows")
+    seed: int = field(0, help="same seed, same rows", **SEED)
     language: str = field("en", help="prompt and reason language: en or zh")
-    test_fraction: float = field(0.1, help="share of the n rows held out as test")
-    sft_n: int | None = field(None, help="rows of the SFT split (default: n)")
+    test_fraction: float = field(0.1, help="share of the n rows held out as test", min=0, lt=1)
+    sft_n: int | None = field(None, help="rows of the SFT split (default: n)", min=0)
     sft_label_noise: float = field(0.8, help="probability an SFT answer's action is drawn uniformly instead of "
-                                             "the teacher's (1.0 = uniform random)")
+                                             "the teacher's (1.0 = uniform random)", min=0, max=1)
     rejection_weights: dict = field(dict(DEFAULT_WEIGHTS), help="weight of each rejection strategy")
     rule: str = field("height", help="rule of the rule teacher")
     ollama_host: str | None = field(None, help="Ollama host(s), comma-separated (default $OLLAMA_HOST or "
                                                "http://127.0.0.1:11434)")
     ollama_model: str = field("qwen2.5:7b", help="model the Ollama teacher asks")
-    concurrency: int = field(4, help="concurrent Ollama requests per host")
-    timeout: float = field(60.0, help="seconds per Ollama request")
-    retries: int = field(3, help="retries of a failed Ollama request (5xx, timeout, non-conforming answer)")
-    backoff: float = field(0.5, help="first retry delay in seconds (doubles each retry)")
+    concurrency: int = field(4, help="concurrent Ollama requests per host", min=1)
+    timeout: float = field(60.0, help="seconds per Ollama request", gt=0)
+    retries: int = field(3, help="retries of a failed Ollama request (5xx, timeout, non-conforming answer)", min=0)
+    backoff: float = field(0.5, help="first retry delay in seconds (doubles each retry)", min=0)
     cache_dir: str | None = field(None, help="Ollama answer cache (default OUTPUT_DIR/ollama_cache)")
-    batch_size: int = field(256, help="chips asked per round (does not change the rows)")
+    batch_size: int = field(256, help="chips asked per round (does not change the rows)", min=1)
     overwrite: bool = field(False, help="start over in an output_dir that holds a run with other arguments")
     progress: bool = field(False, help="show a progress bar for Ollama requests")
 
@@ -129,14 +135,8 @@ class PreferenceConfig:
             raise UserError(f"--rule {self.rule!r} is unknown: use one of {', '.join(RULES)}")
         if self.n <= 0:
             raise UserError(f"--n must be a positive number of rows, got {self.n}")
-        if not 0.0 <= self.test_fraction < 1.0:
-            raise UserError(f"--test_fraction must be in [0, 1), got {self.test_fraction}")
         if self.n - round(self.n * self.test_fraction) < 1:
             raise UserError(f"--n {self.n} with --test_fraction {self.test_fraction} leaves no train rows; raise --n")
-        if self.sft_n is not None and self.sft_n < 0:
-            raise UserError(f"--sft_n must be >= 0, got {self.sft_n}")
-        if not 0.0 <= self.sft_label_noise <= 1.0:
-            raise UserError(f"--sft_label_noise must be in [0, 1], got {self.sft_label_noise}")
         universe = (DIM_MAX - DIM_MIN + 1) ** 3
         if self.n + (self.n if self.sft_n is None else self.sft_n) > universe:
             raise UserError(f"--n + --sft_n exceeds the {universe} distinct chips there are; ask for fewer rows")
@@ -147,11 +147,6 @@ class PreferenceConfig:
         if bad or sum(self.rejection_weights.values()) <= 0:
             raise UserError("--rejection_weights: weights must be numbers >= 0 with a positive sum, e.g. "
                             "'{wrong_action: 1, off_topic: 1}'")
-        for key in ("concurrency", "batch_size"):
-            if getattr(self, key) < 1:
-                raise UserError(f"--{key} must be >= 1, got {getattr(self, key)}")
-        if self.timeout <= 0 or self.retries < 0 or self.backoff < 0:
-            raise UserError("--timeout must be > 0, --retries and --backoff >= 0")
 
 
 # -- the chip stream and per-chip randomness -------------------------------------------------------
@@ -330,7 +325,7 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
             counts[split] += 1
     skipped_rows = recover_jsonl(out / "skipped.jsonl")
     skipped = {_spec_of(r, str(out / "skipped.jsonl")) for r in skipped_rows}
-    recover_jsonl(out / "teacher_log.jsonl")  # drop its torn tail too
+    recover_jsonl(out / "requests.jsonl")  # drop its torn tail too, before the teacher appends to it
     over = [s for s in SPLITS if counts[s] > quota[s]]
     if over:
         raise UserError(f"{out / (over[0] + '.jsonl')} has {counts[over[0]]} rows, more than the {quota[over[0]]} "
@@ -341,8 +336,7 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
     teacher = None
     in_a_row = 0  # chips skipped in a row: a teacher that never conforms must not walk all 10^6 chips
     stream = spec_stream(cfg.seed)
-    writer = AppendWriter({**{s: out / f"{s}.jsonl" for s in SPLITS}, "skipped": out / "skipped.jsonl",
-                           "log": out / "teacher_log.jsonl"})
+    writer = AppendWriter({**{s: out / f"{s}.jsonl" for s in SPLITS}, "skipped": out / "skipped.jsonl"})
     try:
         while sum(need.values()) > 0:
             # Exactly as many chips as rows still missing: every chip asked is then consumed in order
@@ -358,14 +352,15 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
                 raise UserError("ran out of distinct chips before the splits were full; ask for fewer rows")
             if teacher is None:
                 teacher = _make_teacher(cfg, out)
-                before = teacher.stats()
             answers = teacher.advise_many(batch, cfg.language)
             stop: str | None = None
             for spec, answer in zip(batch, answers):
                 if answer.advice is None:
                     reason = answer.failure or "unknown"
-                    if reason in FATAL:  # the host, not the answer: skipping the chip would lose it for good
-                        fix = FATAL[reason].replace("<model>", cfg.ollama_model)
+                    if reason not in CONTENT_FAULTS:  # the host, not the answer: skipping would lose the chip
+                        fix = FATAL.get(reason, "check the host").format(
+                            model=cfg.ollama_model, timeout=cfg.timeout,
+                            attempts=f"{cfg.retries + 1} attempt{'s' if cfg.retries else ''}")
                         stop = f"the Ollama teacher failed on chip {spec.key()} ({reason}: {fix})"
                         break
                     writer.write("skipped", {"length": spec.length, "width": spec.width, "height": spec.height,
@@ -383,10 +378,6 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
                 writer.write(split, build_row(split, spec, answer.advice, rng, cfg, teacher.model_name))
                 done[spec] = split
                 need[split] -= 1
-            now = teacher.stats()
-            if now:
-                writer.write("log", _stats_delta(before, now))
-                before = now
             writer.flush()
             if stop:
                 kept = sum(quota.values()) - sum(need.values())
@@ -418,18 +409,8 @@ def _make_teacher(cfg: PreferenceConfig, out: Path) -> Any:
         return make_teacher("rule", rule=cfg.rule)
     return make_teacher("ollama", model=cfg.ollama_model, hosts=cfg.ollama_host, concurrency=cfg.concurrency,
                         timeout=cfg.timeout, retries=cfg.retries, backoff=cfg.backoff,
-                        cache_dir=cfg.cache_dir or (out / "ollama_cache"), progress=cfg.progress)
-
-
-def _stats_delta(before: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
-    delta: dict[str, Any] = {}
-    for key, value in now.items():
-        if isinstance(value, dict):
-            d = {k: v - before.get(key, {}).get(k, 0) for k, v in value.items()}
-            delta[key] = {k: v for k, v in d.items() if v}
-        else:
-            delta[key] = value - before.get(key, 0)
-    return delta
+                        cache_dir=cfg.cache_dir or (out / "ollama_cache"), progress=cfg.progress,
+                        request_log=out / "requests.jsonl")
 
 
 def build_manifest(cfg: PreferenceConfig, out: Path, args: dict[str, Any], quota: dict[str, int]) -> dict[str, Any]:
@@ -447,12 +428,15 @@ def build_manifest(cfg: PreferenceConfig, out: Path, args: dict[str, Any], quota
         else:
             strategies.update(r["rejection_strategy"] for r in rows)
     failures = Counter(r.get("reason", "unknown") for r in recover_jsonl(out / "skipped.jsonl"))
-    log = recover_jsonl(out / "teacher_log.jsonl")
-    attempt_failures: Counter[str] = Counter()
-    per_host: Counter[str] = Counter()
-    for entry in log:
+    log = read_request_log(out / "requests.jsonl")
+    attempt_failures: Counter[str] = Counter(log["attempt_failures"])
+    per_host: Counter[str] = Counter(log["per_host"])
+    requests, cache_hits = log["requests"], log["cache_hits"]
+    for entry in recover_jsonl(out / "teacher_log.jsonl"):
         attempt_failures.update(entry.get("attempt_failures", {}))
         per_host.update(entry.get("per_host", {}))
+        requests += entry.get("requests", 0)
+        cache_hits += entry.get("cache_hits", 0)
     return {
         "stage": "data preference", "variant": cfg.variant, "teacher": cfg.teacher,
         "teacher_model": "rule" if cfg.teacher == "rule" else cfg.ollama_model,
@@ -463,7 +447,7 @@ def build_manifest(cfg: PreferenceConfig, out: Path, args: dict[str, Any], quota
         "sft_agreement": round(sft_agree / splits["sft"], 4) if splits["sft"] else None,
         "failures": dict(sorted(failures.items())),  # chips skipped, by the reason of their last attempt
         "attempt_failures": dict(sorted(attempt_failures.items())),  # every failed request, retried or not
-        "requests": sum(e.get("requests", 0) for e in log), "cache_hits": sum(e.get("cache_hits", 0) for e in log),
+        "requests": requests, "cache_hits": cache_hits,
         "requests_per_host": dict(sorted(per_host.items())),
         "args": args, "files": {s: f"{s}.jsonl" for s in SPLITS},
     }

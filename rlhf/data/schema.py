@@ -27,7 +27,7 @@ def resolve_split(data: str, split: str) -> Path:
     return path
 
 
-def _check_messages(value: Any, path: Path, line: int, column: str) -> None:
+def check_messages(value: Any, path: Path, line: int, column: str) -> None:
     if not isinstance(value, list) or not value:
         raise UserError(f"{path}: row {line}: column '{column}' must be a non-empty list of "
                         '{"role": ..., "content": ...} messages')
@@ -50,7 +50,7 @@ def load_rows(path: Path, columns: tuple[str, ...], *, tokenizer: Any = None,
         if missing:
             raise UserError(f"{path}: row {line}: missing column '{missing[0]}' (each row needs {', '.join(columns)})")
         for c in columns:
-            _check_messages(row[c], path, line, c)
+            check_messages(row[c], path, line, c)
         if tokenizer is not None and max_length:
             from rlhf.generation import chat_ids
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhf.chips import physics, rule_action, sample_specs
-from rlhf.config import field
+from rlhf.config import SEED, field
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_text, write_metrics
 
@@ -31,12 +31,10 @@ ENV_COLUMNS = ("chip_id", "width_nm", "length_nm", "power_mw", "performance_scor
 class TabularDataConfig:
     output_dir: str = field("runs/tabular", help="folder for the CSV and metrics.json")
     variant: Literal["dims", "env"] = field("dims", help="dims: length,width,height,action; env: chip PPO dataset")
-    n: int = field(1000, help="number of rows (the seed used 1000)")
-    seed: int = field(42, help="sampling seed: the same seed writes the same file")
+    n: int = field(1000, help="number of rows (the seed used 1000)", min=1)
+    seed: int = field(42, help="sampling seed: the same seed writes the same file", **SEED)
 
     def validate(self) -> None:
-        if self.n < 1:
-            raise UserError(f"--n must be at least 1, got {self.n}")
         if self.variant == "dims" and self.n > 100**3:
             raise UserError(f"--n {self.n}: the dims variant has only {100**3} distinct chips")
 

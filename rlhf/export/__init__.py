@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhf.config import field
+from rlhf.config import SEED, field
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_text, check_removable, write_metrics
 
@@ -28,18 +28,18 @@ class ExportConfig:
     model: str = field(help="what to export: a model folder, a LoRA adapter folder, a .gguf, a Hub id or a "
                             "short name (smollm2-135m)")
     output_dir: str = field("runs/export", help="folder for hf/, NAME.gguf, Modelfile and metrics.json")
-    seed: int = field(0, help="unused (export is deterministic); kept for the stage convention")
+    seed: int = field(0, help="unused (export is deterministic); kept for the stage convention", **SEED)
     outtype: Literal["f32", "f16", "bf16", "q8_0"] = field("f16", help="GGUF weight type (norms stay f32)")
     name: str | None = field(None, help="Ollama model name (default: from the model's folder name)")
     push: bool = field(False, help="upload the GGUF and create the model on the Ollama server")
     ollama_host: str | None = field(None, help="Ollama URL (default: $OLLAMA_HOST, else http://127.0.0.1:11434)")
     force: bool = field(False, help="with --push, replace an existing model of the same name")
     system: str | None = field(None, help="SYSTEM prompt (default: the one the model's chat template adds, if any)")
-    temperature: float | None = field(None, help="PARAMETER temperature")
-    top_p: float | None = field(None, help="PARAMETER top_p")
-    top_k: int | None = field(None, help="PARAMETER top_k")
-    num_ctx: int | None = field(None, help="PARAMETER num_ctx (context window Ollama allocates)")
-    repeat_penalty: float | None = field(None, help="PARAMETER repeat_penalty")
+    temperature: float | None = field(None, help="PARAMETER temperature (0: greedy)", min=0)
+    top_p: float | None = field(None, help="PARAMETER top_p", gt=0, max=1)
+    top_k: int | None = field(None, help="PARAMETER top_k (0: off)", min=0)
+    num_ctx: int | None = field(None, help="PARAMETER num_ctx (context window Ollama allocates)", min=1)
+    repeat_penalty: float | None = field(None, help="PARAMETER repeat_penalty (1: off)", gt=0)
     progress: bool = field(True, help="show progress bars")
     overwrite: bool = field(False, help="replace an hf/ folder in --output_dir that rlhf did not write (no "
                                         ".rlhf-owned in it): the files of your own there are lost")

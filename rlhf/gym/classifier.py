@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhf.chips import ACTIONS
-from rlhf.config import field
+from rlhf.config import SEED, field
 from rlhf.data.tabular import read_dims_csv
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, write_metrics
@@ -42,26 +42,20 @@ class TabularTrainConfig:
                       help="dims CSV with length,width,height,action (from `rlhf data tabular --variant dims`)")
     output_dir: str = field("runs/tabular_model", help="folder for the classifier and metrics.json")
     model: Literal["random_forest", "gradient_boosting"] = field("random_forest", help="classifier type")
-    test_size: float = field(0.2, help="held-out fraction for the report (the seed used 0.2)")
-    n_estimators: int = field(100, help="trees (the seed used 100)")
-    max_depth: int = field(10, help="tree depth for random_forest (the seed used 10); gradient boosting uses 3")
-    seed: int = field(42, help="split and model seed (the seed used 42)")
-
-    def validate(self) -> None:
-        if not 0.0 < self.test_size < 1.0:
-            raise UserError(f"--test_size must be between 0 and 1, got {self.test_size}")
-        if self.n_estimators < 1 or self.max_depth < 1:
-            raise UserError("--n_estimators and --max_depth must be at least 1")
+    test_size: float = field(0.2, help="held-out fraction for the report (the seed used 0.2)", gt=0, lt=1)
+    n_estimators: int = field(100, help="trees (the seed used 100)", min=1)
+    max_depth: int = field(10, help="tree depth for random_forest (the seed used 10); gradient boosting uses 3", min=1)
+    seed: int = field(42, help="split and model seed (the seed used 42)", **SEED)
 
 
 @dataclass
 class TabularPredictConfig:
     model_dir: str = field(help="folder written by `rlhf tabular train`")
-    length: float = field(help="chip length (mm)")
-    width: float = field(help="chip width (mm)")
-    height: float = field(help="chip height (mm)")
+    length: float = field(help="chip length (mm)", gt=0)
+    width: float = field(help="chip width (mm)", gt=0)
+    height: float = field(help="chip height (mm)", gt=0)
     output_dir: str = field("", help="if set, also write the prediction to OUTPUT_DIR/metrics.json")
-    seed: int = field(0, help="unused (prediction is deterministic); kept for the stage convention")
+    seed: int = field(0, help="unused (prediction is deterministic); kept for the stage convention", **SEED)
 
 
 def _build(cfg: TabularTrainConfig) -> Any:

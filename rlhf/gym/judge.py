@@ -6,8 +6,10 @@
             (`rlhf.teachers.ollama.OllamaPool`: retries, hosts, disk cache). In front of it sits an
             in-memory cache keyed by (rounded observation, action); `prefetch` asks for all four
             actions of many states in one batch. A failed answer counts as a neutral 0.5 and is
-            counted in `stats()`. The judge is called by the environment's reward, never inside
-            the policy's forward pass.
+            counted in `stats()`; past the threshold of `rlhf.teachers.ollama.JudgeFailureGuard`
+            the run stops with one line. Built with `from_options`, it first checks that the host
+            answers and serves the model. The judge is called by the environment's reward, never
+            inside the policy's forward pass.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ class OllamaJudge:
     name = "ollama"
 
     def __init__(self, pool: Any, language: str = "en") -> None:
+        from rlhf.teachers.ollama import JudgeFailureGuard
+
         self.pool = pool
+        self.guard = JudgeFailureGuard(pool, "fix it and rerun, or use --judge model (offline)")
         self.language = language
         self.cache: dict[tuple[tuple[float, ...], int], float] = {}
         self.hits = 0
@@ -90,6 +95,7 @@ class OllamaJudge:
 
         pool = OllamaPool(model=model, hosts=hosts, concurrency=concurrency, timeout=timeout, retries=retries,
                           cache_dir=cache_dir)
+        pool.check()  # a host that is down or lacks the model fails here, in one line, not as 0.5s
         return cls(pool, language)
 
     def prefetch(self, observations: Iterable[Sequence[float]]) -> None:
@@ -113,6 +119,7 @@ class OllamaJudge:
             else:
                 self.failures += 1
                 self.cache[(key, a)] = NEUTRAL
+        self.guard.record(results)
 
     def score(self, observation: Sequence[float], action: int) -> float:
         key = (state_key(observation), int(action))

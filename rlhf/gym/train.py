@@ -25,8 +25,9 @@ from typing import Any, Literal
 import numpy as np
 
 from rlhf.chips import physics
-from rlhf.config import field
+from rlhf.config import SEED, field
 from rlhf.errors import UserError
+from rlhf.gym.judge import NEUTRAL
 from rlhf.io import atomic_write_json, write_metrics
 
 AGENT_FILE = "agent.zip"
@@ -40,17 +41,17 @@ SERIALIZED_KEYS = {"policy_class", "observation_space", "action_space", "rollout
 @dataclass
 class GymTrainConfig:
     output_dir: str = field("runs/gym", help="folder for agent.zip, agent.json, metrics.json, returns.png")
-    seed: int = field(0, help="seed of PPO and of the training envs' starting chips")
-    total_timesteps: int = field(60_000, help="environment steps of PPO training")
-    n_envs: int = field(8, help="parallel (in-process) environments")
-    n_steps: int = field(128, help="rollout steps per env per PPO update")
-    batch_size: int = field(256, help="PPO minibatch size")
-    n_epochs: int = field(10, help="PPO epochs per update")
-    learning_rate: float = field(1e-3, help="Adam learning rate")
-    gamma: float = field(0.9, help="discount; episodes are 10 steps")
-    gae_lambda: float = field(0.95, help="GAE lambda")
-    ent_coef: float = field(0.0, help="entropy bonus")
-    net_arch: list[int] = field([64, 64], help="hidden layers of the policy and value MLPs")
+    seed: int = field(0, help="seed of PPO and of the training envs' starting chips", **SEED)
+    total_timesteps: int = field(60_000, help="environment steps of PPO training", min=1)
+    n_envs: int = field(8, help="parallel (in-process) environments", min=1)
+    n_steps: int = field(128, help="rollout steps per env per PPO update", min=1)
+    batch_size: int = field(256, help="PPO minibatch size", min=1)
+    n_epochs: int = field(10, help="PPO epochs per update", min=1)
+    learning_rate: float = field(1e-3, help="Adam learning rate", gt=0)
+    gamma: float = field(0.9, help="discount; episodes are 10 steps", min=0, max=1)
+    gae_lambda: float = field(0.95, help="GAE lambda", min=0, max=1)
+    ent_coef: float = field(0.0, help="entropy bonus", min=0)
+    net_arch: list[int] = field([64, 64], help="hidden layers of the policy and value MLPs", min=1)
     judge: Literal["none", "model", "ollama"] = field("model", help="judge term of the reward (see rlhf.gym.judge)")
     ollama_model: str = field("qwen2.5:7b", help="model of the ollama judge")
     ollama_host: str = field("", help="Ollama host(s) for the ollama judge, comma separated (default $OLLAMA_HOST)")
@@ -58,13 +59,10 @@ class GymTrainConfig:
     language: Literal["en", "zh"] = field("en", help="language of the ollama judge's prompt")
     env_csv: str = field("", help="starting chips from an env CSV (`rlhf data tabular --variant env`); "
                                   "default: sampled")
-    eval_episodes: int = field(100, help="seeded evaluation episodes per policy")
-    torch_threads: int = field(1, help="torch threads (1 is fastest for these tiny MLPs)")
+    eval_episodes: int = field(100, help="seeded evaluation episodes per policy", min=1)
+    torch_threads: int = field(1, help="torch threads (1 is fastest for these tiny MLPs)", min=1)
 
     def validate(self) -> None:
-        for key in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_episodes", "torch_threads"):
-            if getattr(self, key) < 1:
-                raise UserError(f"--{key} must be at least 1, got {getattr(self, key)}")
         if not self.net_arch:
             raise UserError("--net_arch needs at least one layer, e.g. 64,64")
 
@@ -73,10 +71,10 @@ class GymTrainConfig:
 class GymEvalConfig:
     model_dir: str = field(help="folder written by `rlhf gym train`")
     output_dir: str = field("", help="where metrics.json and returns.png go (default: MODEL_DIR/eval)")
-    eval_episodes: int = field(100, help="seeded evaluation episodes per policy")
-    seed: int = field(EVAL_SEED, help="seed of the first evaluation episode (episode i uses seed + i)")
+    eval_episodes: int = field(100, help="seeded evaluation episodes per policy", min=1)
+    seed: int = field(EVAL_SEED, help="seed of the first evaluation episode (episode i uses seed + i)", **SEED)
     ollama_host: str = field("", help="override the Ollama host(s) of an ollama judge")
-    torch_threads: int = field(1, help="torch threads")
+    torch_threads: int = field(1, help="torch threads", min=1)
 
 
 # Training-time buffers SB3 would pickle into the zip; excluded at save, rebuilt by `learn`.
@@ -101,6 +99,14 @@ def _judge_from(env_cfg: dict[str, Any], host_override: str = "") -> Any:
     return make_judge(env_cfg["judge"], ollama_model=env_cfg.get("ollama_model", "qwen2.5:7b"),
                       ollama_host=host_override or env_cfg.get("ollama_host") or None,
                       language=env_cfg.get("language", "en"), cache_dir=env_cfg.get("ollama_cache") or None)
+
+
+def _print_judge(judge: Any) -> None:
+    """An LLM judge's failures in the log (metrics.json has them under judge.failures_neutral)."""
+    stats = judge.stats()
+    if "failures_neutral" in stats:
+        print(f"{stats['judge']} judge: {stats['failures_neutral']} of {stats['queries']} judgements failed "
+              f"(scored a neutral {NEUTRAL}), {stats['cache_hits']} answered from memory")
 
 
 def _start_chips(env_cfg: dict[str, Any]) -> list | None:
@@ -264,6 +270,7 @@ def _train(cfg: GymTrainConfig) -> dict[str, Any]:
     model.learn(total_timesteps=cfg.total_timesteps)
     train_seconds = time.perf_counter() - t0
     vec_env.close()
+    _print_judge(judge)
 
     tmp = out / f".{AGENT_FILE}.tmp.zip"
     model.save(tmp, exclude=RUNTIME_STATE)  # runtime buffers would be pickled; they are not needed
@@ -301,5 +308,6 @@ def _eval(cfg: GymEvalConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir) if cfg.output_dir else Path(cfg.model_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     returns = evaluate(model, make_env, cfg.eval_episodes, cfg.seed)
+    _print_judge(judge)
     extra = {"model_dir": str(cfg.model_dir), "eval_seed": cfg.seed, "judge": judge.stats()}
     return _finish(out, returns, extra, f"chip env: agent in {cfg.model_dir} vs random vs oracle")

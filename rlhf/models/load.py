@@ -8,15 +8,17 @@ local HF cache here: nothing is downloaded at run time on machines without netwo
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rlhf.config import field
 from rlhf.errors import UserError
@@ -38,15 +40,16 @@ def cache_root() -> Path:
 class ModelOptions:
     """How to load a trainable model. Stage configs inherit these keys (SFT, reward, PPO)."""
 
-    dtype: str = field("float32", help="float32 | bfloat16 | float16 | auto (bf16 on GPUs)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
+        "float32", help="float32 | bfloat16 | float16 | auto (bf16 on GPUs)")
     load_in_4bit: bool = field(False, help="QLoRA: nf4 weights via bitsandbytes (works on CPU too, slowly)")
     trust_remote_code: bool = field(False, help="allow model code from the model folder (off: safer)")
     use_lora: bool = field(True, help="train LoRA adapters instead of all weights")
-    lora_r: int = field(16, help="LoRA rank")
-    lora_alpha: int = field(32, help="LoRA alpha")
-    lora_dropout: float = field(0.0, help="LoRA dropout")
+    lora_r: int = field(16, help="LoRA rank", min=1)
+    lora_alpha: int = field(32, help="LoRA alpha", min=1)
+    lora_dropout: float = field(0.0, help="LoRA dropout", min=0, lt=1)
     lora_target_modules: str = field("all-linear", help="'all-linear' or comma-separated module names")
-    lora_layers: int = field(0, help="adapters on the last N transformer layers only (0: all). The backward "
+    lora_layers: int = field(0, min=0, help="adapters on the last N transformer layers only (0: all). The backward "
                                      "pass then stops at the lowest adapted layer: on CPU, 8 of SmolLM2's 30 "
                                      "layers halve a training step")
 
@@ -119,8 +122,12 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def _adapter_base(adapter_dir: Path) -> str:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{adapter_dir}/adapter_config.json: not valid JSON; restore it, or rerun the stage that "
+                        "wrote this adapter") from None
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
     if not base:
         raise UserError(f"{adapter_dir}/adapter_config.json has no base_model_name_or_path; "
                         "set it to the folder of the base model")
@@ -148,6 +155,48 @@ def _torch_dtype(name: str) -> Any:
         raise UserError(f"dtype must be float32, bfloat16, float16 or auto; got {name!r}") from None
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _damaged_json(folder: str) -> str | None:
+    """The first of a model folder's JSON files that does not parse (transformers' error may not name it)."""
+    for name in ("config.json", "tokenizer_config.json", "tokenizer.json", "adapter_config.json"):
+        path = Path(folder, name)
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            return str(path)
+    return None
+
+
+def _damaged_file(folder: str) -> str:
+    """The first .safetensors file in `folder` that does not open (safetensors' error names none)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError):
+            return str(path)
+    return folder
+
+
+@contextlib.contextmanager
+def _readable_weights(folder: str) -> Iterator[None]:
+    """A damaged weights file (random bytes, a truncated copy) is one line naming it and the fix."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise UserError(f"{_damaged_file(folder)}: not a readable safetensors file ({_first_line(e)}); "
+                        "restore it, or rerun the stage that wrote this model") from None
+
+
 def _from_pretrained(cls: Any, name: str, opts: ModelOptions, **kw: Any) -> Any:
     kwargs: dict[str, Any] = {"trust_remote_code": opts.trust_remote_code, "dtype": _torch_dtype(opts.dtype), **kw}
     if opts.load_in_4bit:
@@ -159,9 +208,13 @@ def _from_pretrained(cls: Any, name: str, opts: ModelOptions, **kw: Any) -> Any:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True)
     try:
-        return cls.from_pretrained(name, **kwargs)
-    except OSError as e:
-        raise UserError(f"cannot load model {name!r}: {str(e).splitlines()[0]} (no Hub downloads here: "
+        with _readable_weights(name):
+            return cls.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:  # ValueError: a config.json transformers cannot read
+        broken = _damaged_json(name)
+        if broken:
+            raise UserError(f"{broken}: not valid JSON; restore it, or rerun the stage that wrote this model") from None
+        raise UserError(f"cannot load model {name!r}: {_first_line(e)} (no Hub downloads here: "
                         "pass a local folder, a .gguf file or a short name)") from None
 
 
@@ -174,8 +227,12 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
         path = _adapter_base(Path(path))
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UserError(f"cannot load the tokenizer of {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer.json raises plain Exception from `tokenizers`
+        broken = _damaged_json(path)
+        if broken:
+            raise UserError(f"{broken}: not valid JSON; restore it, or rerun the stage that wrote this model") from None
+        raise UserError(f"cannot load the tokenizer of {name_or_path!r} ({_first_line(e)}); restore its tokenizer "
+                        "files (tokenizer.json, tokenizer_config.json) or rerun the stage that wrote it") from None
     if tok.pad_token is None:
         # Qwen2.5 pads with <|endoftext|>; never pad with the turn-end token, or masks eat the stop.
         tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in tok.get_vocab() else tok.eos_token
@@ -216,7 +273,8 @@ def load_causal_lm(name_or_path: str, opts: ModelOptions | None = None, *, merge
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+        with _readable_weights(adapter):
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
         if merge_lora:
             model = _merged(model, adapter)
     return model
@@ -250,9 +308,11 @@ def load_value_model(name_or_path: str, opts: ModelOptions | None = None, *, num
             # an SFT (causal LM) adapter: its LoRA weights fit the backbone of the classifier too;
             # the untyped PeftModel loads them without the causal LM's generation hooks
             config.task_type = None
-            model = _merged(PeftModel.from_pretrained(model, adapter, config=config), adapter)
+            with _readable_weights(adapter):
+                model = _merged(PeftModel.from_pretrained(model, adapter, config=config), adapter)
         else:
-            model = PeftModel.from_pretrained(model, adapter)
+            with _readable_weights(adapter):
+                model = PeftModel.from_pretrained(model, adapter)
             if merge_lora:
                 model = _merged(model, adapter)
     return model

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.chips import ACTIONS, ChipSpec, dims_prompt, format_advice, rule_reason
-from rlhf.config import field
+from rlhf.config import SEED, field
+from rlhf.errors import UserError
 from rlhf.io import write_metrics
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+MIN_VOCAB = 256 + 3  # the byte-level alphabet and the special tokens; BPE never goes below
 # Qwen2.5's ChatML (without its default system prompt, as Ollama's template for it).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -38,14 +40,26 @@ FILLER = ["The weather is nice today.", "Bananas are yellow.", "I like trains.",
 @dataclass
 class TinyModelConfig:
     output_dir: str = field("runs/tiny-model", help="where the model folder is written")
-    seed: int = field(0, help="seed of the tokenizer corpus and the weights")
-    vocab_size: int = field(512, help="BPE vocabulary size (incl. special tokens)")
-    hidden_size: int = field(128, help="model width")
-    num_layers: int = field(2, help="transformer blocks")
-    num_heads: int = field(4, help="attention heads")
-    num_kv_heads: int = field(2, help="key/value heads (GQA as in Qwen2.5)")
-    intermediate_size: int = field(512, help="MLP width")
-    max_position_embeddings: int = field(512, help="context length")
+    seed: int = field(0, help="seed of the tokenizer corpus and the weights", **SEED)
+    vocab_size: int = field(512, help="BPE vocabulary size (incl. special tokens)", min=MIN_VOCAB,
+                            why="the 256 byte tokens and 3 special tokens come first")
+    hidden_size: int = field(128, help="model width", min=2)
+    num_layers: int = field(2, help="transformer blocks", min=1)
+    num_heads: int = field(4, help="attention heads", min=1)
+    num_kv_heads: int = field(2, help="key/value heads (GQA as in Qwen2.5)", min=1)
+    intermediate_size: int = field(512, help="MLP width", min=1)
+    max_position_embeddings: int = field(512, help="context length", min=1)
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"--num_heads {self.num_heads} does not divide --hidden_size {self.hidden_size}; "
+                            "pick a divisor, e.g. --num_heads 4 with --hidden_size 128")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise UserError(f"--hidden_size {self.hidden_size} / --num_heads {self.num_heads} is an odd head size "
+                            f"({self.hidden_size // self.num_heads}); rotary embeddings need an even one")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"--num_kv_heads {self.num_kv_heads} does not divide --num_heads {self.num_heads} "
+                            "(each key/value head serves a group of query heads); e.g. --num_kv_heads 1")
 
 
 def chip_corpus(seed: int, n: int = 3000) -> list[str]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rlhf.config import field
+from rlhf.config import SEED, field
 from rlhf.errors import UserError
 from rlhf.models import ModelOptions
 
@@ -15,6 +16,8 @@ from rlhf.models import ModelOptions
 NOT_TRAINING = frozenset({"output_dir", "resume", "overwrite", "log_every", "sample_every", "save_every",
                           "keep_checkpoints", "report_to", "eval_prompts", "collapse_share", "parallel_value",
                           "gc_freeze"})
+
+REWARD_SOURCES = ("model", "rule", "bonus", "ollama")  # what rlhf.rewards.build_reward mixes
 
 
 @dataclass
@@ -28,71 +31,74 @@ class PPOConfig(ModelOptions):
     value_use_lora: bool = field(False, help="LoRA on the value model instead of training it fully")
     data: str = field("runs/data", help="preference folder: prompts from train.jsonl, held-out from test.jsonl")
     output_dir: str = field("runs/ppo", help="policy/, value/, checkpoints/, metrics.jsonl, metrics.json")
-    seed: int = field(0, help="one seed for sampling, shuffling and init: same seed, same numbers on CPU")
+    seed: int = field(0, help="one seed for sampling, shuffling and init: same seed, same numbers on CPU", **SEED)
     rewards: dict = field({"model": 1.0}, help="weighted reward sources: model, rule, bonus, ollama")
     ollama_model: str = field("qwen2.5:7b", help="judge model for the 'ollama' reward source")
     ollama_host: str = field("", help="judge host(s), comma-separated (default $OLLAMA_HOST)")
     # rollout
-    total_episodes: int = field(4096, help="prompts sampled over the run (updates = total_episodes / batch_size)")
-    batch_size: int = field(32, help="rollouts per update, over all processes")
+    total_episodes: int = field(4096, help="prompts sampled over the run (updates = total_episodes / batch_size)",
+                                min=1)
+    batch_size: int = field(32, help="rollouts per update, over all processes", min=1)
     samples_per_prompt: int = field(
-        1, help="answers sampled per prompt in a batch (batch_size / samples_per_prompt distinct prompts); "
+        1, min=1, help="answers sampled per prompt in a batch (batch_size / samples_per_prompt distinct prompts); "
                 "with score_baseline 'group' each answer is scored against its siblings")
-    response_length: int = field(32, help="max new tokens per response")
-    temperature: float = field(0.7, help="sampling temperature (log-probs are taken at the same temperature)")
-    top_k: int = field(0, help="top-k sampling (0: off)")
-    top_p: float = field(1.0, help="nucleus sampling")
-    stop_token: str = field("eos", help="'eos': stop at <|im_end|>/EOS and mask what follows; 'none': fixed length")
+    response_length: int = field(32, help="max new tokens per response", min=1)
+    temperature: float = field(0.7, help="sampling temperature (log-probs are taken at the same temperature)", gt=0,
+                               why="PPO needs a stochastic policy")
+    top_k: int = field(0, help="top-k sampling (0: off)", min=0)
+    top_p: float = field(1.0, help="nucleus sampling", gt=0, max=1)
+    stop_token: Literal["eos", "none"] = field(
+        "eos", help="'eos': stop at <|im_end|>/EOS and mask what follows; 'none': fixed length")
     logprobs_from_generation: bool = field(
         False, help="take the sampled tokens' log-probs and entropies while sampling: one policy forward fewer "
                     "per update with several minibatches (with one, the rollout's forward is the first PPO "
                     "step's anyway, and this is ignored); equal to the forward's within 1e-5, but the demo's "
                     "seed 1 then learned +18 points instead of +51: training on this task is that sensitive")
-    missing_eos_penalty: float = field(1.0, help="subtracted from the score of a response with no stop token")
+    missing_eos_penalty: float = field(1.0, help="subtracted from the score of a response with no stop token", min=0)
     score_unfinished: Literal["closed", "open"] = field(
         "closed", help="a response cut off before its stop token, as the reward model sees it: 'closed' (the chat "
                        "template ends the turn; the penalty above marks the cut) or 'open' (tokens as generated, "
                        "the turn left open, as TRL scores)")
     # reward shaping
-    kl_coef: float = field(0.2, help="beta in r_t = -beta*KL_t (+ score at the end); see configs for why 0.2")
+    kl_coef: float = field(0.2, help="beta in r_t = -beta*KL_t (+ score at the end); see configs for why 0.2", min=0)
     kl_estimator: Literal["k1", "k3"] = field("k1", help="per-token KL estimator")
     adaptive_kl: bool = field(False, help="adapt beta toward target_kl (Ziegler et al. 2019)")
-    target_kl: float = field(1.0, help="target KL (nats per sequence) of the adaptive controller")
-    kl_horizon: int = field(10000, help="horizon of the adaptive controller (episodes)")
+    target_kl: float = field(1.0, help="target KL (nats per sequence) of the adaptive controller", gt=0)
+    kl_horizon: int = field(10000, help="horizon of the adaptive controller (episodes)", min=1)
     whiten_rewards: bool = field(False, help="whiten per-token rewards before GAE")
     normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
-    score_scale: float = field(1.0, help="multiply scores by this (bring a reward model's scale near 1)")
-    score_clip: float = field(0.0, help="clip scores to [-c, c] after scaling (0: off)")
+    score_scale: float = field(1.0, help="multiply scores by this (bring a reward model's scale near 1)", gt=0)
+    score_clip: float = field(0.0, help="clip scores to [-c, c] after scaling (0: off)", min=0)
     score_baseline: Literal["none", "batch", "group"] = field(
         "none", help="baseline taken out of each score before GAE: 'none'; 'batch' (standardised over the "
                      "batch); 'group' (minus the mean of the other samples of the same prompt, RLOO's "
                      "leave-one-out; needs samples_per_prompt >= 2)")
     answer_entropy_coef: float = field(
-        0.0, help="bonus coef * -log(share of the answer's action in the batch), centred: ascends the entropy "
+        0.0, min=0, help="bonus coef * -log(share of the answer's action in the batch), centred: ascends the entropy "
                   "of the batch's action mix, so no single answer takes over every prompt, while the policy "
                   "stays free to be sure per prompt (0: off)")
     # optimisation
-    learning_rate: float = field(1e-4, help="AdamW learning rate (policy and value)")
+    learning_rate: float = field(1e-4, help="AdamW learning rate (policy and value)", gt=0)
     lr_schedule: Literal["constant", "linear"] = field("linear", help="learning-rate schedule over updates")
-    num_ppo_epochs: int = field(4, help="passes over each rollout batch")
-    num_mini_batches: int = field(1, help="minibatches per PPO epoch")
-    gradient_accumulation_steps: int = field(1, help="micro-batches per minibatch (memory)")
-    cliprange: float = field(0.2, help="policy ratio clip")
-    cliprange_value: float = field(0.2, help="value clip")
-    vf_coef: float = field(0.1, help="value-loss coefficient")
-    gamma: float = field(1.0, help="discount")
-    lam: float = field(0.95, help="GAE lambda")
-    max_grad_norm: float = field(1.0, help="gradient clipping")
-    early_stop_kl: float = field(0.0, help="stop an epoch when approx KL exceeds this (0: off)")
-    value_warmup_updates: int = field(0, help="first N updates train the value model only (critic warm-up)")
+    num_ppo_epochs: int = field(4, help="passes over each rollout batch", min=1)
+    num_mini_batches: int = field(1, help="minibatches per PPO epoch", min=1)
+    gradient_accumulation_steps: int = field(1, help="micro-batches per minibatch (memory)", min=1)
+    cliprange: float = field(0.2, help="policy ratio clip", gt=0)
+    cliprange_value: float = field(0.2, help="value clip", gt=0)
+    vf_coef: float = field(0.1, help="value-loss coefficient", min=0)
+    gamma: float = field(1.0, help="discount", min=0, max=1)
+    lam: float = field(0.95, help="GAE lambda", min=0, max=1)
+    max_grad_norm: float = field(1.0, help="gradient clipping", gt=0)
+    early_stop_kl: float = field(0.0, help="stop an epoch when approx KL exceeds this (0: off)", min=0)
+    value_warmup_updates: int = field(0, help="first N updates train the value model only (critic warm-up)", min=0)
     collapse_share: float = field(0.9, help="warn when one action takes more than this share of a batch while "
-                                            "batch agreement has not risen")
+                                            "batch agreement has not risen", gt=0, max=1)
     # logging, evaluation, checkpoints
-    log_every: int = field(1, help="log metrics every N updates")
-    sample_every: int = field(10, help="print sample completions every N updates (0: never)")
-    eval_prompts: int = field(200, help="held-out prompts for agreement before and after (0: skip)")
-    save_every: int = field(10, help="checkpoint every N updates (0: only at the end)")
-    keep_checkpoints: int = field(2, help="checkpoints kept on disk")
+    log_every: int = field(1, help="log metrics every N updates", min=1)
+    sample_every: int = field(10, help="print sample completions every N updates (0: never)", min=0)
+    eval_prompts: int = field(200, help="held-out prompts for agreement before and after (0: skip)", min=0)
+    save_every: int = field(10, help="checkpoint every N updates (0: only at the end)", min=0)
+    keep_checkpoints: int = field(2, help="checkpoints kept on disk", min=1)
     resume: bool = field(True, help="continue from the last checkpoint in output_dir when there is one (refused "
                                     "when a setting that changes training differs from the checkpoint's)")
     overwrite: bool = field(False, help="start fresh in output_dir whatever it holds: its checkpoints are ignored "
@@ -109,20 +115,27 @@ class PPOConfig(ModelOptions):
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_TRAINING}
 
     def validate(self) -> None:
+        # checked here, not only in rlhf.rewards.build_reward: that runs after the policy has loaded
+        if not self.rewards:
+            raise UserError("--rewards is empty: give at least one source, e.g. --rewards '{model: 1.0}'")
+        for name, weight in self.rewards.items():
+            if name not in REWARD_SOURCES:
+                raise UserError(f"--rewards: unknown reward source {name!r}; use {', '.join(REWARD_SOURCES)}")
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise UserError(f"--rewards: the weight of {name!r} must be a finite number, got {weight!r}; "
+                                "e.g. --rewards '{model: 1.0}'")
         if self.batch_size % self.num_mini_batches:
             raise UserError(f"batch_size ({self.batch_size}) must be divisible by num_mini_batches "
                             f"({self.num_mini_batches})")
-        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+        if self.batch_size % self.samples_per_prompt:
             raise UserError(f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
-                            f"({self.samples_per_prompt}, at least 1)")
+                            f"({self.samples_per_prompt})")
         if self.score_baseline == "group" and self.samples_per_prompt < 2:
             raise UserError("score_baseline 'group' needs samples_per_prompt >= 2 (each answer is compared "
                             "with its siblings); set --samples_per_prompt 4 or --score_baseline none")
-        if self.answer_entropy_coef < 0:
-            raise UserError(f"answer_entropy_coef must be >= 0, got {self.answer_entropy_coef}")
         if self.total_episodes < self.batch_size:
             raise UserError(f"total_episodes ({self.total_episodes}) must be at least batch_size ({self.batch_size})")
-        if self.stop_token not in ("eos", "none"):
-            raise UserError(f"stop_token must be 'eos' or 'none', got {self.stop_token!r}")
-        if self.temperature <= 0:
-            raise UserError("temperature must be > 0 (PPO needs a stochastic policy)")
+        if self.total_episodes % self.batch_size:  # updates are whole batches: the rest would silently not run
+            lo = self.total_episodes - self.total_episodes % self.batch_size
+            raise UserError(f"total_episodes ({self.total_episodes}) must be a multiple of batch_size "
+                            f"({self.batch_size}); use {lo} or {lo + self.batch_size}")

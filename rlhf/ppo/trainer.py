@@ -826,7 +826,8 @@ class PPOTrainer:
     def _final_metrics(self, before: dict[str, Any], after: dict[str, Any], last: dict[str, Any],
                        timing: dict[str, float], t_train: float, episodes: int, tokens: int,
                        wall: float) -> dict[str, Any]:
-        final = (logged_rows(self.out) or [last])[-1]
+        rows = logged_rows(self.out)
+        final = (rows or [last])[-1]
         m: dict[str, Any] = {
             "agreement_before": before.get("agreement_greedy"), "agreement_after": after.get("agreement_greedy"),
             "agreement_sampled_before": before.get("agreement_sampled"),
@@ -846,6 +847,10 @@ class PPOTrainer:
             "action_share_sampled_after": after.get("action_share_sampled"),
             "collapse_warning": self.collapse.first,
         }
+        judged = [r for r in rows if "reward_ollama_calls" in r]
+        if judged:  # the Ollama judge's failures (each scored a neutral 0.5), over the logged updates
+            m["judge_failures"] = sum(r["reward_ollama_failures"] for r in judged)
+            m["judge_calls"] = sum(r["reward_ollama_calls"] for r in judged)
         return m
 
 

@@ -14,6 +14,9 @@ Failure tags (`OllamaResult.error`):
   not_json         the content held no JSON object (retried at once: models are not always consistent)
   schema           a JSON object that misses the schema or that `validate` rejected (retried at once)
 Transport faults are retried after `backoff * 2**attempt` seconds (at most 8 s), on the next host.
+
+With `request_log`, every request, failed attempt and cache hit is also appended to that JSONL file
+as it happens (see `read_request_log`), so the counts of a run that was killed are not lost.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ import json
 import os
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf.chips.advice import extract_json_object
+from rlhf.data.writer import AppendWriter, recover_jsonl
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json
 
@@ -109,7 +113,8 @@ class OllamaPool:
 
     def __init__(self, model: str = "qwen2.5:7b", hosts: str | list[str] | None = None,
                  concurrency: int = 4, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
-                 cache_dir: str | Path | None = None, options: dict | None = None) -> None:
+                 cache_dir: str | Path | None = None, options: dict | None = None,
+                 request_log: str | Path | None = None) -> None:
         import ollama  # lazy: the rule teacher and `rlhf --help` do not need it
 
         self._ollama = ollama
@@ -131,6 +136,11 @@ class OllamaPool:
         self.attempt_failures: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.per_host: Counter[str] = Counter()
+        # The same events, one line each, written as they happen (under the lock, so lines from the
+        # worker threads never interleave). The caller drops a torn tail before a pool appends to it;
+        # the file is opened at the first event, so a pool that never asks leaves none.
+        self._log_path = Path(request_log) if request_log else None
+        self._log: AppendWriter | None = None
 
     # -- checks -------------------------------------------------------------------------------
     def check(self) -> None:
@@ -163,6 +173,25 @@ class OllamaPool:
             inner = getattr(client, "_client", None)
             if inner is not None:
                 inner.close()
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            self._log_path = None  # closed: later events are not logged
+
+    def _event(self, event: dict[str, Any]) -> None:
+        """Append one event to the request log; the caller holds the lock."""
+        if self._log_path is None:
+            return
+        if self._log is None:
+            self._log = AppendWriter({"log": self._log_path})
+        self._log.write("log", event)
+
+    def flush_log(self) -> None:
+        """fsync the request log: a kill loses nothing written to it, a power loss what is not flushed."""
+        with self._lock:
+            if self._log is not None:
+                self._log.flush()
 
     # -- cache --------------------------------------------------------------------------------
     def _cache_path(self, key: str) -> Path | None:
@@ -214,6 +243,7 @@ class OllamaPool:
                     validate(entry["data"])
                 with self._lock:
                     self.cache_hits += 1
+                    self._event({"cache_hit": True})
                 return OllamaResult(True, entry["data"], str(entry.get("text", "")), None, None, cached=True)
             except Exception:  # noqa: BLE001 - this caller's validate rejects it: ask again
                 pass
@@ -229,6 +259,7 @@ class OllamaPool:
                 return result
             with self._lock:
                 self.attempt_failures[result.error or "unknown"] += 1
+                self._event({"failure": result.error or "unknown", "host": host})
             if result.error not in RETRYABLE or attempt == self.retries:
                 break
             if result.error not in CONTENT_FAULTS:  # the server answered promptly: no need to back off
@@ -242,6 +273,7 @@ class OllamaPool:
         with self._lock:
             self.requests += 1
             self.per_host[host] += 1
+            self._event({"request": host})  # before sending: a kill mid-request still counts it
         try:
             resp = self._clients[host].chat(model=self.model, messages=messages, format=schema,
                                             options=self.options, stream=False)
@@ -271,6 +303,7 @@ class OllamaPool:
             with self._lock:
                 self.requests += 1
                 self.per_host[host] += 1
+                self._event({"request": host})
             try:
                 resp = self._clients[host].chat(model=self.model, messages=messages, options=self.options,
                                                 stream=False)
@@ -279,6 +312,7 @@ class OllamaPool:
                 result = OllamaResult(False, None, "", self._transport_tag(e), host)
             with self._lock:
                 self.attempt_failures[result.error or "unknown"] += 1
+                self._event({"failure": result.error or "unknown", "host": host})
             if result.error not in RETRYABLE or attempt == self.retries:
                 break
             time.sleep(min(MAX_BACKOFF, self.backoff * (2 ** attempt)))
@@ -301,7 +335,76 @@ class OllamaPool:
 
                 for _ in tqdm(as_completed(futures), total=len(futures), desc=f"ollama {self.model}"):
                     pass
-            return [f.result() for f in futures]
+            results = [f.result() for f in futures]
+        self.flush_log()
+        return results
+
+
+def read_request_log(path: str | Path) -> dict[str, Any]:
+    """The counts of `OllamaPool.stats()` (less final failures) summed over a request log, torn tail dropped."""
+    requests = cache_hits = 0
+    attempt_failures: Counter[str] = Counter()
+    per_host: Counter[str] = Counter()
+    for event in recover_jsonl(path):
+        if "request" in event:
+            requests += 1
+            per_host[str(event["request"])] += 1
+        elif "failure" in event:
+            attempt_failures[str(event["failure"])] += 1
+        elif event.get("cache_hit"):
+            cache_hits += 1
+    return {"requests": requests, "cache_hits": cache_hits,
+            "attempt_failures": dict(sorted(attempt_failures.items())), "per_host": dict(sorted(per_host.items()))}
+
+
+# A judge stops when more than half of its last 100 judgements failed, once it has made 20. A failed
+# judgement was already retried with backoff, so it is a lasting fault of the host or the model, not
+# a blip. It scores a neutral 0.5, which only dilutes the judge's term while most answers are judged;
+# past half, the term is mostly a constant and the run trains on other rewards than it was asked to,
+# silently. The window lets a judge that recovers carry on and stops one that breaks mid-run within
+# about 50 judgements; waiting for 20 keeps one unlucky small batch (2 failures of 4) from stopping.
+JUDGE_MAX_FAILURE_RATE = 0.5
+JUDGE_WINDOW = 100
+JUDGE_MIN_JUDGEMENTS = 20
+# What to do about the most common failure, in the judge's stop message.
+FAILURE_FIXES = {
+    "timeout": "no answer within {timeout:g} s even after retries: the host is overloaded or the model too slow for it",
+    "http_5xx": "the server kept answering 5xx: check its log (the `ollama serve` output)",
+    "http_429": "the server kept refusing with 429: it is overloaded",
+    "unreachable": "start it with `ollama serve` or fix --ollama_host",
+    "connection": "the connection kept breaking: check the host",
+    "model_not_found": "run `ollama pull {model}` on every host",
+    "http_4xx": "the server refused the request: check --ollama_model",
+    "not_json": "its answers are not JSON: use a model that supports structured outputs (--ollama_model)",
+    "schema": "its answers miss the score schema: use a model that supports structured outputs (--ollama_model)",
+}
+
+
+class JudgeFailureGuard:
+    """Counts a judge's failed judgements and stops the run (UserError) when they pass the threshold
+    above. `alternative` ends the message: how to run without this judge."""
+
+    def __init__(self, pool: OllamaPool, alternative: str, max_rate: float = JUDGE_MAX_FAILURE_RATE,
+                 window: int = JUDGE_WINDOW, min_judgements: int = JUDGE_MIN_JUDGEMENTS) -> None:
+        self.pool = pool
+        self.alternative = alternative
+        self.max_rate = max_rate
+        self.min_judgements = min_judgements
+        self.recent: deque[str | None] = deque(maxlen=window)  # the failure tag, None when judged
+
+    def record(self, results: Sequence[OllamaResult]) -> None:
+        for r in results:
+            self.recent.append(None if r.ok and r.data is not None else (r.error or "unknown"))
+        failed = Counter(tag for tag in self.recent if tag is not None)
+        n_failed, n = sum(failed.values()), len(self.recent)
+        if n < self.min_judgements or n_failed <= self.max_rate * n:
+            return
+        tag = failed.most_common(1)[0][0]
+        fix = FAILURE_FIXES.get(tag, "check the host").format(timeout=self.pool.timeout, model=self.pool.model)
+        tags = ", ".join(f"{k} {v}" for k, v in failed.most_common())
+        raise UserError(f"the Ollama judge (model '{self.pool.model}' at {','.join(self.pool.hosts)}) failed on "
+                        f"{n_failed} of its last {n} judgements ({tags}), more than {self.max_rate:.0%}: {fix}; "
+                        f"{self.alternative}")
 
 
 class OllamaTeacher:
@@ -309,12 +412,18 @@ class OllamaTeacher:
 
     def __init__(self, model: str = "qwen2.5:7b", hosts: str | list[str] | None = None, concurrency: int = 4,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, cache_dir: str | Path | None = None,
-                 options: dict | None = None, check: bool = True, progress: bool = False) -> None:
+                 options: dict | None = None, check: bool = True, progress: bool = False,
+                 request_log: str | Path | None = None) -> None:
         self.model_name = model
         self.progress = progress
-        self.pool = OllamaPool(model, hosts, concurrency, timeout, retries, backoff, cache_dir, options)
+        self.pool = OllamaPool(model, hosts, concurrency, timeout, retries, backoff, cache_dir, options,
+                               request_log)
         if check:
-            self.pool.check()
+            try:
+                self.pool.check()
+            except UserError:
+                self.pool.close()
+                raise
 
     @staticmethod
     def _validate(obj: dict) -> Any:
