@@ -74,31 +74,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from seed_study import parse_seeds, parse_sets
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_K = 4  # answers per prompt; TRL's default is 2, 4 keeps a 64-batch at 16 prompts
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-4' or '0,3,7' or '0-2,9' -> a list of ints."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, dash, hi = part.partition("-")
-        seeds.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
-    return seeds
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise SystemExit(f"--set {item!r}: write KEY=VALUE with KEY an RLOOConfig field")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 def read_ppo_settings(run: Path) -> dict[str, Any]:
@@ -333,7 +312,7 @@ def study_key(a: argparse.Namespace) -> dict[str, Any]:
 def worker(a: argparse.Namespace, seed: int) -> int:
     from rlhf.io import atomic_write_json
 
-    result = {"study": study_key(a), **run_seed(a, seed, parse_sets(a.set))}
+    result = {"study": study_key(a), **run_seed(a, seed, parse_sets(a.set, "KEY an RLOOConfig field"))}
     atomic_write_json(Path(a.out) / f"rloo-seed{seed}.json", result)  # written whole or not at all: resumable
     print(f"seed {seed}: greedy {result['greedy_before']:.2f} -> {result['greedy_after']:.2f}, sampled "
           f"{result['sampled_before']:.2f} -> {result['sampled_after']:.2f}, KL {fmt(result['kl'], '.2f')}/seq, "

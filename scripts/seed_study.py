@@ -46,12 +46,13 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
+def parse_sets(items: list[str], hint: str = "pipeline mode: SECTION.KEY=VALUE") -> dict[str, Any]:
+    """['key=value', ...] -> {key: YAML value}; `hint` says what KEY names, in the error."""
     out: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise SystemExit(f"--set {item!r}: write KEY=VALUE (pipeline mode: SECTION.KEY=VALUE)")
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE ({hint})")
         out[key.strip()] = yaml.safe_load(value)
     return out
 
