@@ -117,6 +117,7 @@ def truncate_torn_tail(path: str | os.PathLike) -> int:
 
 # -- folders rlhf created ------------------------------------------------------------------------
 OWNED_MARKER = ".rlhf-owned"
+OVERWRITE_FLAG = "--overwrite true"  # every stage's option to delete a folder rlhf did not write
 
 
 def mark_owned(path: str | os.PathLike) -> Path:
@@ -137,7 +138,7 @@ def is_owned(path: str | os.PathLike) -> bool:
     return not path.is_symlink() and path.is_dir() and (path / OWNED_MARKER).is_file()
 
 
-def check_removable(path: str | os.PathLike, flag: str, *, force: bool = False) -> None:
+def check_removable(path: str | os.PathLike, flag: str = OVERWRITE_FLAG, *, force: bool = False) -> None:
     """Raise UserError unless `path` is absent, an empty folder (nothing to lose), or rlhf's own;
     `flag` is the option that allows deleting it anyway (`force`), named in the message."""
     from rlhf.errors import UserError
@@ -154,7 +155,7 @@ def check_removable(path: str | os.PathLike, flag: str, *, force: bool = False) 
                     f"use another --output_dir, or pass {flag} to delete them")
 
 
-def remove_owned_dir(path: str | os.PathLike, flag: str, *, force: bool = False) -> None:
+def remove_owned_dir(path: str | os.PathLike, flag: str = OVERWRITE_FLAG, *, force: bool = False) -> None:
     """Delete folder `path` if check_removable allows it, else raise its UserError. The marker goes
     last, so a folder whose deletion was killed half-way still carries it and the rerun finishes it."""
     path = Path(path)

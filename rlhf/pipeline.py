@@ -38,7 +38,6 @@ from rlhf.io import atomic_write_json, check_removable, is_owned, mark_owned, re
 
 STATE_FILE = ".stage.json"
 HASH_VERSION = 1  # bump when the meaning of a stage's outputs changes: every run folder reruns
-OVERWRITE = "--overwrite true"  # the option that lets a stage delete a folder rlhf did not create
 # One path segment: no separator, no `..`, no leading dot (a hidden folder), nothing that breaks a line.
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -221,12 +220,12 @@ def check_folders(stages: list[Stage], overwrite: bool) -> None:
             continue  # a disabled stage's folder is never touched
         if not is_owned(stage.folder) and (stage.folder / STATE_FILE).is_file():
             mark_owned(stage.folder)  # only the pipeline writes .stage.json, into a folder it emptied first
-        check_removable(stage.folder, OVERWRITE, force=overwrite)
+        check_removable(stage.folder, force=overwrite)
 
 
 def _clean(folder: Path, overwrite: bool) -> None:
     """Start a stage from an empty folder: stale files (an old adapter beside new weights) mislead loaders."""
-    remove_owned_dir(folder, OVERWRITE, force=overwrite)
+    remove_owned_dir(folder, force=overwrite)
     mark_owned(folder)
 
 

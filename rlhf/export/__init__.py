@@ -66,7 +66,7 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     cfg.validate()
     name = cfg.name or default_name(cfg.model)
     out = Path(cfg.output_dir)
-    check_removable(out / "hf", merge.OVERWRITE, force=cfg.overwrite)  # before the slow part, not after it
+    check_removable(out / "hf", force=cfg.overwrite)  # before the slow part, not after it
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 

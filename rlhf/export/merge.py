@@ -12,8 +12,6 @@ from typing import Any
 from rlhf.errors import UserError
 from rlhf.io import mark_owned, remove_owned_dir
 
-OVERWRITE = "--overwrite true"
-
 
 def is_lora(name_or_path: str) -> bool:
     from rlhf.models import resolve_model
@@ -59,7 +57,7 @@ def save_hf(model: Any, tok: Any, hf_dir: str | os.PathLike, *, overwrite: bool 
         tok.save_pretrained(tmp)
         _ollama_friendly(tmp, tok)
         mark_owned(tmp)
-        remove_owned_dir(hf_dir, OVERWRITE, force=overwrite)
+        remove_owned_dir(hf_dir, force=overwrite)
         os.replace(tmp, hf_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

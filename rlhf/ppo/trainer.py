@@ -133,7 +133,6 @@ class SideThread:
 # on SmolLM2-135M (26 vs 20 s per update: a 135M model keeps both cores busy alone, and generation
 # then runs on half the threads).
 SIDE_THREAD_MAX_PARAMS = 50_000_000
-OVERWRITE = "--overwrite true"  # the option that lets a run replace folders rlhf did not write
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -713,14 +712,14 @@ class PPOTrainer:
             if name == "policy":
                 self.tok.save_pretrained(tmp)
             mark_owned(tmp)
-            remove_owned_dir(target, OVERWRITE, force=self.cfg.overwrite)
+            remove_owned_dir(target, force=self.cfg.overwrite)
             os.replace(tmp, target)  # the folder exists whole or not at all
             make_adapter_relocatable(target)
 
     def check_output_folders(self) -> None:
         """Before training: policy/ and value/ will be replaced, so they must be rlhf's (or absent)."""
         for name in ("policy", "value"):
-            check_removable(self.out / name, OVERWRITE, force=self.cfg.overwrite)
+            check_removable(self.out / name, force=self.cfg.overwrite)
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
