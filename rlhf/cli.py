@@ -72,13 +72,17 @@ def run_stage(name: str, argv: list[str]) -> dict[str, Any]:
     cfg = config_mod.parse(cfg_cls, argv, name)
     out = getattr(cfg, "output_dir", "") or ""
     created = _missing_folders(out) if out else []
+    before = _top_level(out) if out else {}
+    old_record = _read_record(out) if out else None
     try:
         if out:
             record_config(cfg, name, out)
         return fn(cfg) or {}
     except UserError:
-        # refused before producing anything (a bad key or file the stage checks itself): leave no folder behind
-        _remove_record(out, created)
+        # refused before producing anything (a bad host, key or file the stage checks itself): leave the
+        # output folder as it was, and no folder this run created behind
+        if out:
+            _undo_record(out, created, before, old_record)
         raise
 
 
@@ -95,13 +99,48 @@ def _missing_folders(out: str) -> list[str]:
     return missing
 
 
-def _remove_record(out: str, created: list[str]) -> None:
-    """Undo record_config when the stage wrote nothing else: the record, then the folders it created."""
-    if not created:  # the folder was there before: keep it (and the record of this attempt)
+def _top_level(out: str) -> dict[str, tuple[int, int]]:
+    """The entries of `out` (name -> mtime, size), the record left out: what tells whether a refused
+    stage had written anything before it refused ({} when there is no such folder)."""
+    try:
+        with os.scandir(out) as entries:
+            stats = {e.name: e.stat(follow_symlinks=False) for e in entries if e.name != RECORDED_CONFIG}
+    except OSError:
+        return {}
+    return {name: (st.st_mtime_ns, st.st_size) for name, st in stats.items()}
+
+
+def _read_record(out: str) -> tuple[bytes, int, int] | None:
+    """The record a previous run left (bytes, atime, mtime), to put back if this run is refused."""
+    path = os.path.join(out, RECORDED_CONFIG)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        st = os.stat(path)
+    except OSError:
+        return None
+    return data, st.st_atime_ns, st.st_mtime_ns
+
+
+def _undo_record(out: str, created: list[str], before: dict[str, tuple[int, int]],
+                 old_record: tuple[bytes, int, int] | None) -> None:
+    """Undo record_config when the stage wrote nothing else: the record as it was (none, or the previous
+    run's), then the folders this run created. A stage that did work keeps its record beside that work."""
+    if _top_level(out) != before:
         return
     record = os.path.join(out, RECORDED_CONFIG)
-    if os.path.isdir(out) and os.listdir(out) == [RECORDED_CONFIG]:
-        os.remove(record)
+    try:
+        if old_record is None:
+            os.remove(record)
+        else:
+            data, atime, mtime = old_record
+            tmp = record + ".restore.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, record)
+            os.utime(record, ns=(atime, mtime))
+    except OSError:
+        pass  # never written (an unwritable folder), or not ours to fix: the refusal line says what matters
     for folder in created:
         try:
             os.rmdir(folder)  # only empty ones: anything the stage wrote stays

@@ -22,7 +22,14 @@ from rlhf.config import SEED, field
 from rlhf.data.schema import PREFERENCE_COLUMNS, check_messages, load_rows, model_context, resolve_split
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, read_jsonl, write_metrics
-from rlhf.models import ModelOptions, add_lora, load_tokenizer, load_value_model, make_adapter_relocatable
+from rlhf.models import (
+    ModelOptions,
+    add_lora,
+    load_reward_model,
+    load_tokenizer,
+    load_value_model,
+    make_adapter_relocatable,
+)
 from rlhf.training import GRADIENT_CHECKPOINTING_HELP, precision_args, quiet_transformers, seed_everything, world_info
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -227,7 +234,7 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
         raise UserError("pass --prompt TEXT --response TEXT, or --file FILE.jsonl")
     quiet_transformers()
     tok = load_tokenizer(cfg.model, padding_side="right")
-    model = load_value_model(cfg.model, pad_token_id=tok.pad_token_id)
+    model = load_reward_model(cfg.model, pad_token_id=tok.pad_token_id, flag="--model")
     scores = score_texts(model, tok, [c for _, c in items], cfg.batch_size)
     for (label, conv), s in zip(items, scores):
         print(f"{s:+.4f}  {label}  {conv[-1]['content'][:100]}".replace("  ", " ", 1 if not label else 0))

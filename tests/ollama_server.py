@@ -455,3 +455,62 @@ class _Handler(BaseHTTPRequestHandler):
             self._stream(statuses)
         else:
             self._send(200, statuses[-1])
+
+
+# -- a server that is not Ollama ------------------------------------------------------------------
+# A web page longer than any error line may quote, with a marker at its end that must never be shown.
+HTML_PAGE = ("<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head><body><h1>Welcome</h1>"
+             + "<p>If you see this page, the web server is working.</p>" * 40 + "<p>END-OF-PAGE</p></body></html>")
+
+
+class HtmlServer:
+    """A web server that answers every request with HTML_PAGE and HTTP `status` (an nginx in front
+    of nothing, a wrong port): what `--ollama_host` may point at by mistake."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> HtmlServer:
+        status = self.status
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - silence the default log
+                pass
+
+            def _page(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = HTML_PAGE.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_DELETE = _page  # noqa: N815 - http.server's naming
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                         name="html-server").start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> HtmlServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -12,6 +12,8 @@ import os
 import re
 import shlex
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from rlhf.cli import main
 Case = tuple[str, tuple[str, ...]]
 
 STACK = "{sft} {reward} {data} {base}"  # placeholders that need the tiny_stack fixture
+HOSTS = "{dead_host} {dead_host2} {live_host} {html_host} {html_404}"  # placeholders that need the `hosts` fixture
 PPO = "ppo --model {sft} --reward_model {reward} --data {data} --output_dir {tmp}/out"
 SFT = "sft --model {base} --data {data} --output_dir {tmp}/out"
 REWARD = "reward --model {sft} --data {data} --output_dir {tmp}/out"
@@ -32,6 +35,7 @@ PREF = "data preference --output_dir {tmp}/out"
 TINY = "tiny-model --output_dir {tmp}/out"
 GYM = "gym train --output_dir {tmp}/out"
 PIPE = "pipeline --output_dir {tmp}/run"
+OLLAMA_PREF = PREF + " --teacher ollama --n 4"
 # a run of PPO that would be valid (and quick), for the cases that break one file it reads
 PPO_OK = PPO + " --total_episodes 4 --batch_size 4 --eval_prompts 0 --report_to none"
 
@@ -98,6 +102,32 @@ CASES: list[Case] = [
     (PREF + " --n 1 --test_fraction 0.9", ("--n 1 with --test_fraction 0.9", "raise --n")),
     (PREF + " --n 2000000", ("exceeds the 1000000 distinct chips", "fewer rows")),
     ("data preference --output_dir {a_file}", ("--output_dir {a_file}:", *NO_FOLDER)),
+    (PREF + " --rejection_weights '{off_topic: .nan}'", ("--rejection_weights: the weight of 'off_topic'",
+                                                         "must be a finite number >= 0", "got nan")),
+    (PREF + " --rejection_weights '{wrong_action: .inf}'", ("the weight of 'wrong_action'", "got inf")),
+    (PREF + " --rejection_weights '{wrong_action: 1, off_topic: -1}'", ("the weight of 'off_topic'", "got -1")),
+    (PREF + " --rejection_weights '{wrong_action: true}'", ("the weight of 'wrong_action'", "got True")),
+    # -- Ollama hosts (the data teacher; the judges share its pre-flight check) ----------------------
+    (OLLAMA_PREF + " --ollama_host {dead_host}", ("cannot reach Ollama at {dead_host}", "ollama serve")),
+    (OLLAMA_PREF + " --ollama_host {dead_host},{dead_host2}",
+     ("no Ollama host serves model 'qwen2.5:7b'", "{dead_host} cannot be reached", "{dead_host2} cannot be reached",
+      "--ollama_host")),
+    (OLLAMA_PREF + " --ollama_host {dead_host},{live_host} --ollama_model nope",
+     ("no Ollama host serves model 'nope'", "{dead_host} cannot be reached", "{live_host} does not have model 'nope'")),
+    (OLLAMA_PREF + " --ollama_host {live_host} --ollama_model nope",
+     ("does not have model 'nope'", "ollama pull nope")),
+    (OLLAMA_PREF + " --ollama_host {html_host}", ("{html_host} answered HTTP 200", "<!DOCTYPE html>",
+                                                  "is this an Ollama server? check --ollama_host", "!END-OF-PAGE")),
+    (OLLAMA_PREF + " --ollama_host {html_404}", ("{html_404} answered HTTP 404", "is this an Ollama server?",
+                                                 "!ollama pull", "!END-OF-PAGE")),
+    # a refused host into a folder of the user's own: neither args.json nor rlhf_config.yaml is left in it
+    (OLLAMA_PREF.replace("{tmp}/out", "{user_dir}") + " --ollama_host {dead_host}",
+     ("cannot reach Ollama at {dead_host}",)),
+    # ... and into the folder of an earlier run: its rlhf_config.yaml is put back as it was
+    (OLLAMA_PREF.replace("{tmp}/out", "{earlier_run}") + " --ollama_host {dead_host}",
+     ("cannot reach Ollama at {dead_host}",)),
+    (GYM + " --judge ollama --ollama_host {dead_host}", ("cannot reach Ollama at {dead_host}",)),
+    (GYM + " --judge ollama --ollama_host {html_404}", ("{html_404} answered HTTP 404", "!END-OF-PAGE")),
     # -- data tabular -------------------------------------------------------------------------------
     bound("data tabular --output_dir {tmp}/out", "n", "0", ">= 1"),
     ("data tabular --output_dir {tmp}/out --variant spreadsheet", ("key 'variant'", "expected one of dims, env")),
@@ -170,6 +200,8 @@ CASES: list[Case] = [
                                                                     "restore it")),
     ("score --model {bad_config} --prompt hi --response there", ("{bad_config}/config.json: not valid JSON",
                                                                  "restore it")),
+    ("score --model {sft} --prompt hi --response there", ("--model {sft}: not a reward model",
+                                                          "point --model at the reward stage's output")),
     ("score --model {reward} --prompt hi --response there --output_dir {a_file}",
      ("--output_dir {a_file}:", *NO_FOLDER)),
     # -- ppo ----------------------------------------------------------------------------------------
@@ -219,6 +251,9 @@ CASES: list[Case] = [
     (PPO_OK.replace("--model {sft}", "--model {bad_weights}"), BROKEN_WEIGHTS),
     (PPO_OK.replace("--reward_model {reward}", "--reward_model {bad_weights}"), BROKEN_WEIGHTS),
     (PPO.replace("{tmp}/out", "{a_file}"), ("--output_dir {a_file}:", *NO_FOLDER)),
+    # the SFT model as the reward model: a causal LM, whose score head would be drawn at random
+    (PPO_OK.replace("--reward_model {reward}", "--reward_model {sft}"),
+     ("--reward_model {sft}: not a reward model", "Qwen2ForCausalLM", "point --reward_model at the reward stage")),
     # a bad value into a folder of the user's own: refused, and the folder left as it was
     (PPO.replace("{tmp}/out", "{user_dir}") + " --kl_coef -1", ("--kl_coef -1.0:", "must be >= 0")),
     # -- eval ---------------------------------------------------------------------------------------
@@ -237,6 +272,7 @@ CASES: list[Case] = [
     (EVAL + " --n 2 --reference {bad_weights}", BROKEN_WEIGHTS),
     (EVAL + " --n 2 --reward_model {bad_tokenizer}", ("{bad_tokenizer}/tokenizer.json: not valid JSON",)),
     ("eval --models {sft} --data {files}/broken.jsonl --output_dir {tmp}/out", ("{files}/broken.jsonl: line 2",)),
+    (EVAL + " --n 2 --reward_model {sft}", ("--reward_model {sft}: not a reward model", "rlhf reward")),
     ("eval --models {sft} --data {data} --output_dir {a_file}", ("--output_dir {a_file}:", *NO_FOLDER)),
     # -- export -------------------------------------------------------------------------------------
     bound(EXPORT, "num_ctx", "-1", ">= 1"),
@@ -398,6 +434,22 @@ def broken_models(tiny_stack: dict[str, str], tmp_path_factory: pytest.TempPathF
     return out
 
 
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[dict[str, str]]:
+    """Hosts for --ollama_host: two closed ports, a loopback Ollama serving qwen2.5:7b, and two web
+    servers that are not Ollama (an HTML page with HTTP 200 and with 404)."""
+    from ollama_server import HtmlServer, LoopbackOllama
+
+    def closed_port() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    with LoopbackOllama() as live, HtmlServer(200) as html, HtmlServer(404) as html_404:
+        yield {"dead_host": closed_port(), "dead_host2": closed_port(), "live_host": live.url,
+               "html_host": html.url, "html_404": html_404.url}
+
+
 def _case_id(case: Case) -> str:
     return re.sub(r"\s+", " ", re.sub(r"\{\w+\}/?|--(model|data|reward_model|output_dir|models) \S+", "",
                                       case[0])).strip()[:80]
@@ -411,17 +463,22 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, request: pytest.F
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(key, "1")
     paths: dict[str, Any] = {"tmp": str(tmp_path), "files": str(files), "a_file": str(tmp_path / "a_file"),
-                             "empty_dir": str(tmp_path / "empty"), "user_dir": str(tmp_path / "mine")}
+                             "empty_dir": str(tmp_path / "empty"), "user_dir": str(tmp_path / "mine"),
+                             "earlier_run": str(tmp_path / "earlier")}
     (tmp_path / "a_file").write_text("a file where a folder is asked for\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("the user's own file\n")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "rlhf_config.yaml").write_text("# rlhf data preference: an earlier run's settings\nn: 7\n")
     watched = [tmp_path, files]
     broken = any(f"{{{k}}}" in case[0] for k in BROKEN)
     if broken or any(k in case[0] for k in STACK.split()):
         stack = request.getfixturevalue("tiny_stack")
         paths.update(stack)
         watched.append(Path(stack["base"]).parent)
+    if any(k in case[0] for k in HOSTS.split()):
+        paths.update(request.getfixturevalue("hosts"))
     if broken:
         paths.update(request.getfixturevalue("broken_models"))
         watched.append(Path(paths["bad_weights"]).parent)
@@ -438,8 +495,11 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, request: pytest.F
     assert code == 2, (argv, captured.err[-2000:])
     assert "Traceback" not in captured.err
     assert len(lines) == 1 and lines[0].startswith("rlhf: error: "), lines
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+    for needle in needles:  # "!text": text must not be in the line (a web page quoted whole, a wrong fix)
+        if needle.startswith("!"):
+            assert needle[1:] not in lines[0], (needle, lines[0])
+        else:
+            assert needle in lines[0], (needle, lines[0])
     assert {str(w): _tree(w) for w in watched} == before, "files were created, changed or deleted"
     if out is not None and not out_existed:
         assert not os.path.lexists(out)

@@ -9,12 +9,18 @@ import socket
 import httpx
 import ollama
 import pytest
-from ollama_server import NOT_JSON_TEXT, Faults, LoopbackOllama, rule_source, smollm2_gguf
+from ollama_server import NOT_JSON_TEXT, Faults, HtmlServer, LoopbackOllama, rule_source, smollm2_gguf
 
 from rlhf.chips import ADVICE_SCHEMA, ChipSpec, dims_prompt, parse_advice, rule_advice
 from rlhf.errors import UserError
 from rlhf.teachers import make_teacher
-from rlhf.teachers.ollama import OllamaPool, extract_json_object, parse_hosts, schema_problem
+from rlhf.teachers.ollama import (
+    JudgeFailureGuard,
+    OllamaPool,
+    extract_json_object,
+    parse_hosts,
+    schema_problem,
+)
 
 SPECS = [ChipSpec(10, 20, h) for h in (5, 33, 34, 50, 66, 67, 99)]
 
@@ -166,6 +172,91 @@ def test_check_messages(ollama_server):
         pool(ollama_server, model="qwen2.5:0.5b").check()
     with pytest.raises(UserError, match="ollama serve"):
         pool(closed_port_url()).check()
+
+
+# -- dead hosts and servers that are not Ollama -----------------------------------------------------
+def _warnings(capsys: pytest.CaptureFixture) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("rlhf: warning: ")]
+
+
+def test_check_leaves_a_dead_host_out_in_one_line(ollama_server, capsys):
+    dead = closed_port_url()
+    p = pool(f"{dead},{ollama_server.url}")
+    p.check()  # the live host serves the model: the run goes on
+    (line,) = _warnings(capsys)
+    assert dead in line and "cannot be reached" in line and ollama_server.url in line
+    assert p.live_hosts() == [ollama_server.url]
+    results = p.chat_json_many([dims_prompt(s) for s in SPECS], ADVICE_SCHEMA)
+    assert all(r.ok and r.host == ollama_server.url for r in results)
+    assert p.per_host[dead] == 0 and not p.attempt_failures  # never asked again
+
+
+def test_check_leaves_out_a_host_without_the_model(make_ollama_server, capsys):
+    empty, full = make_ollama_server(faults=Faults(unknown_model={"qwen2.5:7b"})), make_ollama_server()
+    p = pool(f"{empty.url},{full.url}")
+    p.check()
+    (line,) = _warnings(capsys)
+    assert empty.url in line and "does not have model 'qwen2.5:7b'" in line
+    assert p.live_hosts() == [full.url]
+
+
+def test_check_with_no_usable_host_names_each_and_why(ollama_server):
+    dead = closed_port_url()
+    with pytest.raises(UserError) as e:
+        pool(f"{dead},{ollama_server.url}", model="nope").check()
+    msg = str(e.value)
+    assert "\n" not in msg and "no Ollama host serves model 'nope'" in msg
+    assert f"{dead} cannot be reached" in msg and f"{ollama_server.url} does not have model 'nope'" in msg
+
+
+@pytest.mark.parametrize("status", [200, 404, 502])
+def test_a_server_that_is_not_ollama_is_one_short_line(status):
+    with HtmlServer(status) as web:
+        url = web.url
+        with pytest.raises(UserError) as e:
+            pool(url).check()
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 300, msg
+    assert msg.startswith(f"{url} answered HTTP {status}")
+    assert msg.endswith("is this an Ollama server? check --ollama_host")
+    assert "<!DOCTYPE html>" in msg and "END-OF-PAGE" not in msg  # the start of the page, never all of it
+    assert "ollama pull" not in msg  # a web server's 404 is no missing model
+
+
+def test_a_host_that_dies_is_marked_down_at_once(ollama_server, capsys):
+    """The first refused connection marks the host down, in one line, and its requests go to the live
+    host without a backoff (30 s here: any wait would show)."""
+    import time
+
+    dead = closed_port_url()
+    p = pool(f"{dead},{ollama_server.url}", backoff=30.0, concurrency=2)  # no check: it died after it
+    start = time.perf_counter()
+    results = p.chat_json_many([dims_prompt(ChipSpec(2, 2, h)) for h in range(1, 21)], ADVICE_SCHEMA)
+    assert time.perf_counter() - start < 5
+    assert all(r.ok and r.host == ollama_server.url for r in results)
+    assert p.per_host[dead] <= 4 and p.down.keys() == {dead}  # at most one failed request per worker
+    (line,) = _warnings(capsys)
+    assert f"Ollama at {dead} is down" in line and f"its requests go to {ollama_server.url}" in line
+    assert not p.failures  # no chip lost
+
+
+def test_every_host_down_fails_every_request_promptly(capsys):
+    """The last host gets its retries (a lone Ollama may be restarting); once a request used them up,
+    every other request fails at once, and a judge stops on the spot with one line."""
+    import time
+
+    dead = closed_port_url()
+    p = pool(dead, backoff=0.2, retries=3, concurrency=4)
+    start = time.perf_counter()
+    results = p.chat_json_many([dims_prompt(ChipSpec(3, 3, h)) for h in range(1, 21)], ADVICE_SCHEMA)
+    assert time.perf_counter() - start < 4  # one request's backoffs (1.4 s), not 20 / 4 of them
+    assert all(not r.ok and r.error == "unreachable" for r in results)
+    assert p.all_down() and p.requests <= 4 * 4  # the 4 workers' first requests with their retries
+    assert dead in p.down_text() and "ollama serve" in p.down_text()
+    assert not _warnings(capsys)  # the last host's fall is the caller's stop line
+    guard = JudgeFailureGuard(p, "or drop the judge")
+    with pytest.raises(UserError, match=r"every Ollama host is down \(http://127\.0\.0\.1:\d+: cannot connect"):
+        guard.record(results[:2])  # before its window fills: nothing can be judged any more
 
 
 # -- teachers ---------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ refused unless --overwrite true.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections import Counter
@@ -143,8 +144,12 @@ class PreferenceConfig:
         unknown = [k for k in self.rejection_weights if k not in STRATEGIES]
         if unknown:
             raise UserError(f"--rejection_weights: unknown strategy {unknown[0]!r}; use {', '.join(STRATEGIES)}")
-        bad = [k for k, w in self.rejection_weights.items() if not isinstance(w, int | float) or w < 0]
-        if bad or sum(self.rejection_weights.values()) <= 0:
+        for key, w in self.rejection_weights.items():
+            # nan passes `w < 0` and inf makes the shares nan: both would skew the draw silently
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                raise UserError(f"--rejection_weights: the weight of {key!r} must be a finite number >= 0, got "
+                                f"{w!r}; e.g. '{{wrong_action: 1, off_topic: 1}}'")
+        if sum(self.rejection_weights.values()) <= 0:
             raise UserError("--rejection_weights: weights must be numbers >= 0 with a positive sum, e.g. "
                             "'{wrong_action: 1, off_topic: 1}'")
 
@@ -269,14 +274,13 @@ def semantic_args(cfg: PreferenceConfig) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, **args}
 
 
-def prepare_dir(out: Path, args: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to mix two different runs in one folder; with overwrite, start over (keeping the cache)."""
+def check_dir(out: Path, args: dict[str, Any], overwrite: bool) -> bool:
+    """Refuse to mix two different runs in one folder, writing nothing. True when this run starts the
+    folder (afresh, or over with `overwrite`); False when it resumes the run already there."""
     args_path = out / "args.json"
-    present = [f for f in ROW_FILES if (out / f).exists()]
     if overwrite:
-        for name in (*ROW_FILES, "manifest.json", "metrics.json", "args.json"):
-            (out / name).unlink(missing_ok=True)
-    elif args_path.exists():
+        return True
+    if args_path.exists():
         try:
             old = read_json(args_path)
         except (OSError, json.JSONDecodeError):
@@ -286,12 +290,23 @@ def prepare_dir(out: Path, args: dict[str, Any], overwrite: bool) -> None:
             k = diff[0]
             raise UserError(f"{out} holds a run made with other arguments ({k}: {old.get(k)!r} there, "
                             f"{args.get(k)!r} now); use a new --output_dir or pass --overwrite true")
-        return
-    elif present:
+        return False
+    present = [f for f in ROW_FILES if (out / f).exists()]
+    if present:
         raise UserError(f"{out} holds {present[0]} but no args.json: not a folder of this stage; "
                         "use a new --output_dir or pass --overwrite true")
+    return True
+
+
+def prepare_dir(out: Path, args: dict[str, Any], overwrite: bool) -> None:
+    """check_dir, then start the folder when this run starts it (with overwrite: over, keeping the cache)."""
+    if not check_dir(out, args, overwrite):
+        return
+    if overwrite:
+        for name in (*ROW_FILES, "manifest.json", "metrics.json", "args.json"):
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args_path, args)
+    atomic_write_json(out / "args.json", args)
 
 
 def _spec_of(row: dict[str, Any], where: str) -> ChipSpec:
@@ -307,83 +322,90 @@ def run(cfg: PreferenceConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     args = semantic_args(cfg)
-    prepare_dir(out, args, cfg.overwrite)
-    n_test = round(cfg.n * cfg.test_fraction)
-    quota = {"train": cfg.n - n_test, "test": n_test, "sft": args["sft_n"]}
-
-    # What a previous run (killed or finished) left: rows per split and skipped chips.
-    done: dict[ChipSpec, str] = {}
-    counts: Counter[str] = Counter()
-    for split in SPLITS:
-        path = out / f"{split}.jsonl"
-        for row in recover_jsonl(path):
-            spec = _spec_of(row, str(path))
-            if spec in done:
-                raise UserError(f"{path}: chip {spec.key()} appears twice; the folder was edited by hand: "
-                                "pass --overwrite true")
-            done[spec] = split
-            counts[split] += 1
-    skipped_rows = recover_jsonl(out / "skipped.jsonl")
-    skipped = {_spec_of(r, str(out / "skipped.jsonl")) for r in skipped_rows}
-    recover_jsonl(out / "requests.jsonl")  # drop its torn tail too, before the teacher appends to it
-    over = [s for s in SPLITS if counts[s] > quota[s]]
-    if over:
-        raise UserError(f"{out / (over[0] + '.jsonl')} has {counts[over[0]]} rows, more than the {quota[over[0]]} "
-                        "asked; pass --overwrite true")
-    resumed = sum(counts.values())
-
-    need = {s: quota[s] - counts[s] for s in SPLITS}
-    teacher = None
-    in_a_row = 0  # chips skipped in a row: a teacher that never conforms must not walk all 10^6 chips
-    stream = spec_stream(cfg.seed)
-    writer = AppendWriter({**{s: out / f"{s}.jsonl" for s in SPLITS}, "skipped": out / "skipped.jsonl"})
+    # A run that starts the folder asks its teacher first (the Ollama teacher checks its hosts), so a
+    # refused host leaves no folder or args.json behind; a resumed run asks it only if rows are missing.
+    teacher = _make_teacher(cfg, out) if check_dir(out, args, cfg.overwrite) else None
     try:
-        while sum(need.values()) > 0:
-            # Exactly as many chips as rows still missing: every chip asked is then consumed in order
-            # (written or skipped), which keeps the failure counts exact and the order resumable.
-            batch: list[ChipSpec] = []
-            want = min(cfg.batch_size, sum(need.values()))
-            for spec in stream:
-                if spec not in done and spec not in skipped:
-                    batch.append(spec)
-                    if len(batch) == want:
-                        break
-            if not batch:
-                raise UserError("ran out of distinct chips before the splits were full; ask for fewer rows")
-            if teacher is None:
-                teacher = _make_teacher(cfg, out)
-            answers = teacher.advise_many(batch, cfg.language)
-            stop: str | None = None
-            for spec, answer in zip(batch, answers):
-                if answer.advice is None:
-                    reason = answer.failure or "unknown"
-                    if reason not in CONTENT_FAULTS:  # the host, not the answer: skipping would lose the chip
-                        fix = FATAL.get(reason, "check the host").format(
-                            model=cfg.ollama_model, timeout=cfg.timeout,
-                            attempts=f"{cfg.retries + 1} attempt{'s' if cfg.retries else ''}")
-                        stop = f"the Ollama teacher failed on chip {spec.key()} ({reason}: {fix})"
-                        break
-                    writer.write("skipped", {"length": spec.length, "width": spec.width, "height": spec.height,
-                                             "reason": reason})
-                    skipped.add(spec)
-                    in_a_row += 1
-                    if in_a_row >= MAX_SKIPS_IN_A_ROW:
-                        stop = (f"the teacher gave no conforming answer for {in_a_row} chips in a row (last: "
-                                f"{reason}); check that --ollama_model {cfg.ollama_model} follows the JSON schema")
-                        break
-                    continue
-                in_a_row = 0
-                rng = chip_rng(cfg.seed, spec)
-                split = _choose_split(rng.random(), need)
-                writer.write(split, build_row(split, spec, answer.advice, rng, cfg, teacher.model_name))
+        prepare_dir(out, args, cfg.overwrite)
+        n_test = round(cfg.n * cfg.test_fraction)
+        quota = {"train": cfg.n - n_test, "test": n_test, "sft": args["sft_n"]}
+
+        # What a previous run (killed or finished) left: rows per split and skipped chips.
+        done: dict[ChipSpec, str] = {}
+        counts: Counter[str] = Counter()
+        for split in SPLITS:
+            path = out / f"{split}.jsonl"
+            for row in recover_jsonl(path):
+                spec = _spec_of(row, str(path))
+                if spec in done:
+                    raise UserError(f"{path}: chip {spec.key()} appears twice; the folder was edited by hand: "
+                                    "pass --overwrite true")
                 done[spec] = split
-                need[split] -= 1
-            writer.flush()
-            if stop:
-                kept = sum(quota.values()) - sum(need.values())
-                raise UserError(f"{stop}; the {kept} rows written are kept: rerun the same command to resume")
+                counts[split] += 1
+        skipped_rows = recover_jsonl(out / "skipped.jsonl")
+        skipped = {_spec_of(r, str(out / "skipped.jsonl")) for r in skipped_rows}
+        recover_jsonl(out / "requests.jsonl")  # drop its torn tail too, before the teacher appends to it
+        over = [s for s in SPLITS if counts[s] > quota[s]]
+        if over:
+            raise UserError(f"{out / (over[0] + '.jsonl')} has {counts[over[0]]} rows, more than the {quota[over[0]]} "
+                            "asked; pass --overwrite true")
+        resumed = sum(counts.values())
+
+        need = {s: quota[s] - counts[s] for s in SPLITS}
+        in_a_row = 0  # chips skipped in a row: a teacher that never conforms must not walk all 10^6 chips
+        stream = spec_stream(cfg.seed)
+        writer = AppendWriter({**{s: out / f"{s}.jsonl" for s in SPLITS}, "skipped": out / "skipped.jsonl"})
+        try:
+            while sum(need.values()) > 0:
+                # Exactly as many chips as rows still missing: every chip asked is then consumed in order
+                # (written or skipped), which keeps the failure counts exact and the order resumable.
+                batch: list[ChipSpec] = []
+                want = min(cfg.batch_size, sum(need.values()))
+                for spec in stream:
+                    if spec not in done and spec not in skipped:
+                        batch.append(spec)
+                        if len(batch) == want:
+                            break
+                if not batch:
+                    raise UserError("ran out of distinct chips before the splits were full; ask for fewer rows")
+                if teacher is None:
+                    teacher = _make_teacher(cfg, out)
+                answers = teacher.advise_many(batch, cfg.language)
+                stop: str | None = None
+                for spec, answer in zip(batch, answers):
+                    if answer.advice is None:
+                        reason = answer.failure or "unknown"
+                        if reason not in CONTENT_FAULTS:  # the host, not the answer: skipping would lose the chip
+                            fix = FATAL.get(reason, "check the host").format(
+                                model=cfg.ollama_model, timeout=cfg.timeout,
+                                attempts=f"{cfg.retries + 1} attempt{'s' if cfg.retries else ''}")
+                            pool = getattr(teacher, "pool", None)
+                            if reason == "unreachable" and pool is not None and pool.all_down():
+                                fix = pool.down_text()  # names every host and why, not just "start it"
+                            stop = f"the Ollama teacher failed on chip {spec.key()} ({reason}: {fix})"
+                            break
+                        writer.write("skipped", {"length": spec.length, "width": spec.width, "height": spec.height,
+                                                 "reason": reason})
+                        skipped.add(spec)
+                        in_a_row += 1
+                        if in_a_row >= MAX_SKIPS_IN_A_ROW:
+                            stop = (f"the teacher gave no conforming answer for {in_a_row} chips in a row (last: "
+                                    f"{reason}); check that --ollama_model {cfg.ollama_model} follows the JSON schema")
+                            break
+                        continue
+                    in_a_row = 0
+                    rng = chip_rng(cfg.seed, spec)
+                    split = _choose_split(rng.random(), need)
+                    writer.write(split, build_row(split, spec, answer.advice, rng, cfg, teacher.model_name))
+                    done[spec] = split
+                    need[split] -= 1
+                writer.flush()
+                if stop:
+                    kept = sum(quota.values()) - sum(need.values())
+                    raise UserError(f"{stop}; the {kept} rows written are kept: rerun the same command to resume")
+        finally:
+            writer.close()
     finally:
-        writer.close()
         if teacher is not None:
             teacher.close()
 

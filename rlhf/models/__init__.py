@@ -5,6 +5,7 @@ from rlhf.models.load import (
     ModelOptions,
     add_lora,
     load_causal_lm,
+    load_reward_model,
     load_tokenizer,
     load_value_model,
     make_adapter_relocatable,
@@ -12,5 +13,5 @@ from rlhf.models.load import (
     stop_token_ids,
 )
 
-__all__ = ["ModelOptions", "add_lora", "load_causal_lm", "load_tokenizer", "load_value_model",
+__all__ = ["ModelOptions", "add_lora", "load_causal_lm", "load_reward_model", "load_tokenizer", "load_value_model",
            "make_adapter_relocatable", "resolve_model", "stop_token_ids"]

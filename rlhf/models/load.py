@@ -318,6 +318,51 @@ def load_value_model(name_or_path: str, opts: ModelOptions | None = None, *, num
     return model
 
 
+# A scalar head's name in the transformers classes we load (Qwen2, Llama, GPT-2: score; BERT-likes: classifier)
+HEAD_MODULES = ("score", "classifier")
+
+
+def _not_a_reward_model(path: str) -> str | None:
+    """What `path` (resolved) holds instead of a trained scalar head, or None when it holds one or
+    cannot tell (a Hub id: no local files to read). AutoModelForSequenceClassification loads a causal LM
+    too, with a freshly drawn head and only a warning, which would then score at random."""
+    folder = Path(path)
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        try:
+            cfg = json.loads(adapter.read_text(encoding="utf-8"))
+        except ValueError:
+            return None  # the loader names the damaged file
+        saved = (cfg.get("modules_to_save") or []) if isinstance(cfg, dict) else []
+        if isinstance(cfg, dict) and (cfg.get("task_type") == "SEQ_CLS" or any(m in HEAD_MODULES for m in saved)):
+            return None
+        task = cfg.get("task_type") if isinstance(cfg, dict) else None
+        return f"a LoRA adapter of a causal LM (task_type {task}), without a trained score head"
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (ValueError, AttributeError):
+        return None
+    if not archs or any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return None
+    return f"a {archs[0]}, without a trained score head"
+
+
+def load_reward_model(name_or_path: str, opts: ModelOptions | None = None, *, pad_token_id: int | None = None,
+                      flag: str = "--reward_model") -> Any:
+    """A trained reward model (scalar head), refused in one line when the folder holds a plain causal LM
+    (the SFT model, say): scores from a random head would train or rank at random, silently."""
+    path = resolve_model(name_or_path)
+    problem = _not_a_reward_model(path)
+    # a damaged weights file is the first thing to fix: the loader below names it (reading headers is cheap)
+    if problem and _damaged_file(path) == path:
+        raise UserError(f"{flag} {name_or_path}: not a reward model ({problem}); point {flag} at the reward "
+                        "stage's output (the --output_dir of `rlhf reward`)")
+    return load_value_model(name_or_path, opts, pad_token_id=pad_token_id)
+
+
 def _merged(peft_model: Any, adapter: str) -> Any:
     """Merge the adapter, and name the result after the adapter folder: a LoRA trained on top of it
     then records that folder, not the bare base, as its base (else reloading it drops this one)."""

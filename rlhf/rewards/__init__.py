@@ -60,12 +60,12 @@ class ModelReward:
         if unfinished not in ("closed", "open"):
             raise UserError(f"score_unfinished must be 'closed' or 'open', got {unfinished!r}")
         self.unfinished = unfinished
-        from rlhf.models import ModelOptions, load_tokenizer, load_value_model
+        from rlhf.models import ModelOptions, load_reward_model, load_tokenizer
         from rlhf.reward import reward_normalization
 
         self.tok = load_tokenizer(path, padding_side="right")
-        self.model = load_value_model(path, ModelOptions(dtype=dtype, use_lora=False),
-                                      pad_token_id=self.tok.pad_token_id).to(device).eval()
+        self.model = load_reward_model(path, ModelOptions(dtype=dtype, use_lora=False),
+                                       pad_token_id=self.tok.pad_token_id).to(device).eval()
         self.model.requires_grad_(False)
         self.batch_size = batch_size
         stats = reward_normalization(path) if normalize else None

@@ -5,7 +5,7 @@ same retry policy, cache and error messages. Only the official `ollama` Python c
 (`ollama.Client(host=..., timeout=...)`, `chat(..., format=schema, options=..., stream=False)`).
 
 Failure tags (`OllamaResult.error`):
-  unreachable      the host refused the connection (retried on the next host)
+  unreachable      no connection: refused, no route, or none within `timeout` (the host is marked down)
   connection       the connection broke mid-request (retried)
   timeout          no answer within `timeout` seconds (retried)
   http_5xx         the server answered 5xx (retried); http_429 likewise
@@ -14,6 +14,16 @@ Failure tags (`OllamaResult.error`):
   not_json         the content held no JSON object (retried at once: models are not always consistent)
   schema           a JSON object that misses the schema or that `validate` rejected (retried at once)
 Transport faults are retried after `backoff * 2**attempt` seconds (at most 8 s), on the next host.
+
+Dead hosts: `check()` skips a host that cannot be reached, lacks the model or is not an Ollama server,
+with one line naming it and why, as long as another host serves the model (else one UserError names
+every host). During a run, a host that refuses a connection is marked down at once, with one line, and
+its requests go to the live hosts without a wait: a dead host then costs one failed connection, not a
+backoff per request. The last live host is marked down only after a request used up its retries on it
+(a lone Ollama that restarts is ridden over); from then on every request fails at once as
+`unreachable`, so the caller stops promptly (see `all_down` and `down_text`). A host marked down stays
+down for the pool's life (one stage run): a run restarted later asks it again. A host that answers
+slowly (read timeout) is alive and is not marked down.
 
 With `request_log`, every request, failed attempt and cache hit is also appended to that JSONL file
 as it happens (see `read_request_log`), so the counts of a run that was killed are not lost.
@@ -25,6 +35,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -44,6 +55,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {"temperature": 0, "seed": 0}
 RETRYABLE = {"unreachable", "connection", "timeout", "http_5xx", "http_429", "not_json", "schema"}
 CONTENT_FAULTS = {"not_json", "schema"}  # retried at once; transport faults back off exponentially
 MAX_BACKOFF = 8.0
+SNIPPET_CHARS = 100  # of a foreign server's body in an error line: enough to recognise it, never a whole page
 
 
 @dataclass
@@ -54,6 +66,7 @@ class OllamaResult:
     error: str | None  # short reason tag when not ok (see the module docstring)
     host: str | None = None
     cached: bool = False
+    detail: str = ""  # a transport failure in a few words ("connection refused"), for the down-host line
 
 
 def parse_hosts(hosts: str | list[str] | None) -> list[str]:
@@ -71,6 +84,23 @@ def parse_hosts(hosts: str | list[str] | None) -> list[str]:
     if not out:
         raise UserError("no Ollama host given: pass --ollama_host http://HOST:11434 or set OLLAMA_HOST")
     return out
+
+
+def snippet(text: str, limit: int = SNIPPET_CHARS) -> str:
+    """`text` on one line, cut to `limit` characters: what an error line may quote of a server's answer."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def foreign_answer(status: int, body: str) -> bool:
+    """Whether an HTTP error's body shows that the server is not Ollama. Ollama's errors are JSON
+    (`{"error": "model 'x' not found"}`, which the client unpacks to its message); a web page, or a 404
+    for /api/show that does not speak of a model, comes from some other server."""
+    text = str(body).lstrip().lower()
+    return text.startswith("<") or (status == 404 and "model" not in text)
+
+
+NOT_OLLAMA_HINT = "is this an Ollama server? check --ollama_host"
 
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
@@ -136,6 +166,7 @@ class OllamaPool:
         self.attempt_failures: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self.per_host: Counter[str] = Counter()
+        self.down: dict[str, str] = {}  # hosts left out (check) or marked down (a failed connection): why
         # The same events, one line each, written as they happen (under the lock, so lines from the
         # worker threads never interleave). The caller drops a torn tail before a pool appends to it;
         # the file is opened at the first event, so a pool that never asks leaves none.
@@ -144,29 +175,101 @@ class OllamaPool:
 
     # -- checks -------------------------------------------------------------------------------
     def check(self) -> None:
-        """Fail early, with the fix, when a host is down or does not serve the model."""
+        """Fail early, with the fix, when no host serves the model. Hosts that are down, lack the model
+        or are no Ollama server are named in one line each and left out while another one serves it."""
+        problems: dict[str, tuple[str, str]] = {}
         for host, client in self._clients.items():
-            try:
-                client.show(self.model)
-            except self._ollama.ResponseError as e:
-                if e.status_code == 404:
-                    raise UserError(f"Ollama at {host} does not have model '{self.model}': "
-                                    f"run `ollama pull {self.model}` there (or pass --ollama_model)") from None
-                raise UserError(f"Ollama at {host} answered HTTP {e.status_code} for model "
-                                f"'{self.model}': {e.error}") from None
-            except ConnectionError:
-                raise UserError(f"cannot reach Ollama at {host}: start it with `ollama serve` or set "
-                                "OLLAMA_HOST (or --ollama_host) to a running server") from None
-            except Exception as e:  # noqa: BLE001 - httpx timeouts and protocol errors
-                tag = self._transport_tag(e)
-                raise UserError(f"Ollama at {host} did not answer properly ({tag}: {type(e).__name__}); "
-                                "check that it runs (`ollama serve`) and that OLLAMA_HOST is right") from None
+            problem = self._host_problem(host, client)
+            if problem is not None:
+                problems[host] = problem
+        live = [h for h in self.hosts if h not in problems]
+        if not live:
+            if len(problems) == 1:
+                ((host, (_, message)),) = problems.items()
+                raise UserError(message)
+            listed = "; ".join(f"{h} {why}" for h, (why, _) in problems.items())
+            whys = [why for why, _ in problems.values()]
+            fixes = [fix for wanted, fix in (
+                ("cannot be reached", "start Ollama there (`ollama serve`)"),
+                ("does not have model", f"run `ollama pull {self.model}` there"),
+                ("not as Ollama does", "make sure each is an Ollama server")) if any(wanted in w for w in whys)]
+            raise UserError(f"no Ollama host serves model '{self.model}': {listed}; "
+                            f"{', '.join(fixes)}{', or' if fixes else ''} fix --ollama_host")
+        with self._lock:
+            for host, (why, _) in problems.items():
+                self.down[host] = why
+                self._say(f"Ollama at {host} is left out: it {why}; using {', '.join(live)}")
+
+    def _host_problem(self, host: str, client: Any) -> tuple[str, str] | None:
+        """None when `host` serves the model; else (why, in a few words after the host; the whole line)."""
+        try:
+            client.show(self.model)
+            return None
+        except self._ollama.ResponseError as e:
+            code, body = e.status_code, str(e.error)
+            if foreign_answer(code, body):
+                why = f"answered HTTP {code} ({snippet(body)!r}), not as Ollama does"
+                return why, f"{host} {why}: {NOT_OLLAMA_HINT}"
+            if code == 404:
+                return (f"does not have model '{self.model}'",
+                        f"Ollama at {host} does not have model '{self.model}': run `ollama pull {self.model}` "
+                        "there (or pass --ollama_model)")
+            why = f"answered HTTP {code} for model '{self.model}': {snippet(body)}"
+            return why, f"Ollama at {host} {why}"
+        except ConnectionError:
+            return ("cannot be reached", f"cannot reach Ollama at {host}: start it with `ollama serve` or set "
+                    "OLLAMA_HOST (or --ollama_host) to a running server")
+        except json.JSONDecodeError as e:  # a 2xx answer that is not JSON: some other web server
+            why = f"answered HTTP 200 with {snippet(e.doc)!r}, not JSON as Ollama does"
+            return why, f"{host} {why}: {NOT_OLLAMA_HINT}"
+        except Exception as e:  # noqa: BLE001 - httpx timeouts and protocol errors
+            tag = self._transport_tag(e)
+            if tag == "unreachable":  # a connect timeout: nothing accepted the connection
+                return (f"cannot be reached ({self._transport_detail(e)})",
+                        f"cannot reach Ollama at {host} ({self._transport_detail(e)}): start it with `ollama serve` "
+                        "or set OLLAMA_HOST (or --ollama_host) to a running server")
+            if tag == "timeout":
+                why = f"did not answer within {self.timeout:g} s"
+                return why, (f"Ollama at {host} {why} (--timeout); check that it runs (`ollama serve`) and that "
+                             "OLLAMA_HOST (or --ollama_host) is right")
+            why = f"did not answer properly ({tag}: {type(e).__name__})"
+            return why, f"Ollama at {host} {why}; check that it runs (`ollama serve`) and that OLLAMA_HOST is right"
+
+    # -- dead hosts ---------------------------------------------------------------------------
+    @staticmethod
+    def _say(line: str) -> None:
+        print(f"rlhf: warning: {line}", file=sys.stderr, flush=True)
+
+    def live_hosts(self) -> list[str]:
+        return [h for h in self.hosts if h not in self.down]
+
+    def all_down(self) -> bool:
+        return not self.live_hosts()
+
+    def down_text(self) -> str:
+        """'every Ollama host is down (h1: connection refused; h2: ...)', for the caller's stop line."""
+        with self._lock:
+            listed = "; ".join(f"{h}: {why}" for h, why in self.down.items())
+        return f"every Ollama host is down ({listed}): start Ollama there (`ollama serve`) or fix --ollama_host"
+
+    def _mark_down(self, host: str, why: str, last_resort: bool) -> bool:
+        """Mark `host` down after a failed connection; True when the request can go on to a live host.
+        The last live host is kept unless `last_resort` (its request used up its retries)."""
+        with self._lock:
+            if host not in self.down:
+                others = [h for h in self.hosts if h not in self.down and h != host]
+                if not others and not last_resort:
+                    return False
+                self.down[host] = why
+                if others:  # the last host's fall is the caller's stop line, not a warning
+                    self._say(f"Ollama at {host} is down ({why}); its requests go to {', '.join(others)}")
+            return bool(self.live_hosts())
 
     def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "cache_hits": self.cache_hits,
                 "attempt_failures": dict(sorted(self.attempt_failures.items())),
                 "failures": dict(sorted(self.failures.items())),
-                "per_host": dict(sorted(self.per_host.items()))}
+                "per_host": dict(sorted(self.per_host.items())), "down_hosts": dict(self.down)}
 
     def close(self) -> None:
         for client in self._clients.values():
@@ -223,14 +326,65 @@ class OllamaPool:
             if code == 429:
                 return "http_429"
             return "http_5xx" if code >= 500 else "http_4xx"
+        if isinstance(e, httpx.ConnectTimeout):  # no connection at all: as dead as a refusal
+            return "unreachable"
         if isinstance(e, httpx.TimeoutException | TimeoutError):
             return "timeout"
         if isinstance(e, ConnectionError | httpx.ConnectError):
             return "unreachable"
         return "connection"  # resets, broken streams, protocol errors: transient
 
-    def _pick_host(self, attempt: int, start: int) -> str:
-        return self.hosts[(start + attempt) % len(self.hosts)]
+    def _transport_detail(self, e: BaseException) -> str:
+        """A failed connection in a few words. The client raises its own ConnectionError with a
+        generic message, from None; the socket's reason is kept on the context."""
+        import httpx
+
+        if isinstance(e, httpx.ConnectTimeout):
+            return f"no connection within {self.timeout:g} s"
+        inner = e.__context__ if isinstance(e, ConnectionError) and e.__context__ is not None else e
+        text = snippet(str(inner) or type(inner).__name__, 60)
+        return f"cannot connect: {text}"
+
+    def _pick_host(self, attempt: int, start: int) -> str | None:
+        """The host of this attempt, round robin over the live hosts; None when every one is down."""
+        live = self.live_hosts()
+        return live[(start + attempt) % len(live)] if live else None
+
+    def _ask(self, send: Callable[[str], OllamaResult]) -> OllamaResult:
+        """`send` on one host after another: retried with backoff on transient faults, at once on
+        content faults and, without spending an attempt, on another host when one was just marked down."""
+        with self._lock:
+            start = next(self._next_host)
+        result = OllamaResult(False, None, "", "unknown")
+        attempt = 0
+        while True:
+            host = self._pick_host(attempt, start)
+            if host is None:  # every host is down: fail at once, so the caller stops promptly
+                result = OllamaResult(False, None, "", "unreachable", None, detail="every host is down")
+                break
+            result = send(host)
+            if result.ok:
+                return result
+            with self._lock:
+                self.attempt_failures[result.error or "unknown"] += 1
+                self._event({"failure": result.error or "unknown", "host": host})
+            if result.error == "unreachable" and self._mark_down(host, result.detail, last_resort=False):
+                continue  # the request reached no server: another host takes it now
+            if result.error not in RETRYABLE or attempt == self.retries:
+                if result.error == "unreachable" and result.host is not None:
+                    self._mark_down(result.host, result.detail, last_resort=True)
+                break
+            if result.error not in CONTENT_FAULTS:  # the server answered promptly: no need to back off
+                time.sleep(min(MAX_BACKOFF, self.backoff * (2 ** attempt)))
+            attempt += 1
+        with self._lock:
+            self.failures[result.error or "unknown"] += 1
+        return result
+
+    def _failed(self, e: BaseException, host: str) -> OllamaResult:
+        tag = self._transport_tag(e)
+        detail = self._transport_detail(e) if tag == "unreachable" else ""
+        return OllamaResult(False, None, "", tag, host, detail=detail)
 
     def chat_json(self, prompt: str, schema: dict, validate: Callable[[dict], Any] | None = None,
                   system: str | None = None) -> OllamaResult:
@@ -248,37 +402,25 @@ class OllamaPool:
             except Exception:  # noqa: BLE001 - this caller's validate rejects it: ask again
                 pass
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        with self._lock:
-            start = next(self._next_host)
-        result = OllamaResult(False, None, "", "unknown")
-        for attempt in range(self.retries + 1):
-            host = self._pick_host(attempt, start)
-            result = self._attempt(host, messages, schema, validate)
-            if result.ok:
-                self._cache_put(key, result.text, result.data or {})
-                return result
-            with self._lock:
-                self.attempt_failures[result.error or "unknown"] += 1
-                self._event({"failure": result.error or "unknown", "host": host})
-            if result.error not in RETRYABLE or attempt == self.retries:
-                break
-            if result.error not in CONTENT_FAULTS:  # the server answered promptly: no need to back off
-                time.sleep(min(MAX_BACKOFF, self.backoff * (2 ** attempt)))
-        with self._lock:
-            self.failures[result.error or "unknown"] += 1
+        result = self._ask(lambda host: self._attempt(host, messages, schema, validate))
+        if result.ok:
+            self._cache_put(key, result.text, result.data or {})
         return result
 
-    def _attempt(self, host: str, messages: list[dict], schema: dict,
-                 validate: Callable[[dict], Any] | None) -> OllamaResult:
+    def _count_request(self, host: str) -> None:
         with self._lock:
             self.requests += 1
             self.per_host[host] += 1
             self._event({"request": host})  # before sending: a kill mid-request still counts it
+
+    def _attempt(self, host: str, messages: list[dict], schema: dict,
+                 validate: Callable[[dict], Any] | None) -> OllamaResult:
+        self._count_request(host)
         try:
             resp = self._clients[host].chat(model=self.model, messages=messages, format=schema,
                                             options=self.options, stream=False)
         except Exception as e:  # noqa: BLE001 - classified into a tag; never escapes a worker thread
-            return OllamaResult(False, None, "", self._transport_tag(e), host)
+            return self._failed(e, host)
         text = resp.message.content or ""
         data = extract_json_object(text)
         if data is None:
@@ -295,37 +437,23 @@ class OllamaPool:
     def chat_text(self, messages: list[dict]) -> OllamaResult:
         """The model's own answer, unconstrained and uncached (evaluating a served model: its format
         is what is measured). Transport faults are retried like chat_json; the content is never."""
-        with self._lock:
-            start = next(self._next_host)
-        result = OllamaResult(False, None, "", "unknown")
-        for attempt in range(self.retries + 1):
-            host = self._pick_host(attempt, start)
-            with self._lock:
-                self.requests += 1
-                self.per_host[host] += 1
-                self._event({"request": host})
+        def send(host: str) -> OllamaResult:
+            self._count_request(host)
             try:
                 resp = self._clients[host].chat(model=self.model, messages=messages, options=self.options,
                                                 stream=False)
-                return OllamaResult(True, None, resp.message.content or "", None, host)
             except Exception as e:  # noqa: BLE001 - classified into a tag, as in _attempt
-                result = OllamaResult(False, None, "", self._transport_tag(e), host)
-            with self._lock:
-                self.attempt_failures[result.error or "unknown"] += 1
-                self._event({"failure": result.error or "unknown", "host": host})
-            if result.error not in RETRYABLE or attempt == self.retries:
-                break
-            time.sleep(min(MAX_BACKOFF, self.backoff * (2 ** attempt)))
-        with self._lock:
-            self.failures[result.error or "unknown"] += 1
-        return result
+                return self._failed(e, host)
+            return OllamaResult(True, None, resp.message.content or "", None, host)
+
+        return self._ask(send)
 
     def chat_json_many(self, prompts: list[str], schema: dict, validate: Callable[[dict], Any] | None = None,
                        system: str | None = None, progress: bool = False) -> list[OllamaResult]:
         """`chat_json` over many prompts in threads (`concurrency` per host); order is preserved."""
         if not prompts:
             return []
-        workers = min(len(prompts), self.concurrency * len(self.hosts))
+        workers = min(len(prompts), self.concurrency * max(1, len(self.live_hosts())))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ollama") as pool:
             futures = [pool.submit(self.chat_json, p, schema, validate, system) for p in prompts]
             if progress:
@@ -393,6 +521,9 @@ class JudgeFailureGuard:
         self.recent: deque[str | None] = deque(maxlen=window)  # the failure tag, None when judged
 
     def record(self, results: Sequence[OllamaResult]) -> None:
+        if self.pool.all_down():  # nothing can be judged any more: waiting for the window would only add 0.5s
+            raise UserError(f"the Ollama judge (model '{self.pool.model}') stopped: {self.pool.down_text()}; "
+                            f"{self.alternative}")
         for r in results:
             self.recent.append(None if r.ok and r.data is not None else (r.error or "unknown"))
         failed = Counter(tag for tag in self.recent if tag is not None)
