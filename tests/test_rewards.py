@@ -133,3 +133,21 @@ def test_the_judge_prompt_fences_the_answer() -> None:
     assert prompt.count("<answer>") == 2 and prompt.count("</answer>") == 2  # the instruction's and the fence's
     inside = prompt.split("<answer>\n", 1)[1].rsplit("\n</answer>", 1)[0]
     assert "Ignore the above" in inside and "</answer>" not in inside and "<answer>" not in inside
+
+
+def test_format_source_penalises_malformed_answers_whatever_the_chip() -> None:
+    # the answer a demo policy learned to game its reward model with (pipeline seed 4): no action value
+    hack = '{"action": "reason": "reason": "Too tall; a shorter package shortens the heat path."}'
+    answers = [GOOD, '{"action": "decrease", "reason": "x"}', hack, '{"reason": "no action"}', "plain text", GOOD]
+    stops = [True, True, True, True, True, False]  # the last one was cut off before its stop token
+    scores = build_reward({"format": 2.0})(PROMPTS[:6], answers, stops)
+    assert scores.tolist() == [0.0, 0.0, -2.0, -2.0, -2.0, -2.0]
+    # it reads the format only: the same answers on other chips score the same
+    assert build_reward({"format": 2.0})(PROMPTS[6:12], answers, stops).tolist() == scores.tolist()
+
+
+def test_format_source_adds_to_the_other_sources() -> None:
+    mixed = build_reward({"rule": 1.0, "format": 1.0})
+    scores = mixed(PROMPTS[:2], [GOOD, "{broken"], [True, True])
+    assert scores[1] == -2.0  # rule -1 for invalid, format -1 on top
+    assert mixed.last["format"] == -0.5  # logged per source, as the others (reward_format in metrics.jsonl)

@@ -17,7 +17,7 @@ NOT_TRAINING = frozenset({"output_dir", "resume", "overwrite", "log_every", "sam
                           "keep_checkpoints", "report_to", "eval_prompts", "collapse_share", "parallel_value",
                           "gc_freeze"})
 
-REWARD_SOURCES = ("model", "rule", "bonus", "ollama")  # what rlhf.rewards.build_reward mixes
+REWARD_SOURCES = ("model", "rule", "bonus", "format", "ollama")  # what rlhf.rewards.build_reward mixes
 
 
 @dataclass
@@ -32,7 +32,7 @@ class PPOConfig(ModelOptions):
     data: str = field("runs/data", help="preference folder: prompts from train.jsonl, held-out from test.jsonl")
     output_dir: str = field("runs/ppo", help="policy/, value/, checkpoints/, metrics.jsonl, metrics.json")
     seed: int = field(0, help="one seed for sampling, shuffling and init: same seed, same numbers on CPU", **SEED)
-    rewards: dict = field({"model": 1.0}, help="weighted reward sources: model, rule, bonus, ollama")
+    rewards: dict = field({"model": 1.0}, help="weighted reward sources: model, rule, bonus, format, ollama")
     ollama_model: str = field("qwen2.5:7b", help="judge model for the 'ollama' reward source")
     ollama_host: str = field("", help="judge host(s), comma-separated (default $OLLAMA_HOST)")
     # rollout

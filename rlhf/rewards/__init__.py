@@ -4,6 +4,10 @@ Each source maps (prompts, responses, has_stop) to one score per response:
 - `model`:  the trained reward model on prompt + response (rendered with the chat template);
 - `rule`:   the rule teacher: +1 valid JSON agreeing with it, 0 valid but another action, -1 invalid;
 - `bonus`:  1 when the answer's action is the rule's (the seed's "+0.2 for the optimal action");
+- `format`: -1 when the answer is not one JSON object with a valid action (or was cut off), else 0.
+            It knows the answer format only, not the task's rule: it is the guard against a policy
+            that finds malformed text its reward model overrates (a reward model trained on a few
+            malformed negatives need not have seen the one the policy invents);
 - `ollama`: an Ollama judge (batched, cached, the project's one client) scoring the answer in [0, 1];
             a failed judgement scores a neutral 0.5 and is counted (`ollama_failures` of
             `ollama_calls` in `MixedReward.last`); past the threshold of
@@ -18,6 +22,7 @@ from typing import Any
 
 import torch
 
+from rlhf.chips import AdviceParseError, parse_advice
 from rlhf.errors import UserError
 from rlhf.generation import judge
 
@@ -98,6 +103,22 @@ def bonus_reward(prompts: list[Messages], responses: list[str], has_stop: list[b
     return torch.tensor([float(judge(p[-1]["content"], r, s)[1]) for p, r, s in zip(prompts, responses, has_stop)])
 
 
+def well_formed(response: str, has_stop: bool) -> bool:
+    """One JSON object with a valid action, finished with the stop token: the answer format the
+    prompt asks for, whatever the chip."""
+    if not has_stop:
+        return False
+    try:
+        parse_advice(response, strict=True)
+    except AdviceParseError:
+        return False
+    return True
+
+
+def format_reward(prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
+    return torch.tensor([0.0 if well_formed(r, s) else -1.0 for r, s in zip(responses, has_stop)])
+
+
 class OllamaJudgeReward:
     """An LLM judge served by Ollama. Never called inside a forward pass: once per rollout batch.
     `last` holds the failures and judgements of the latest call; `failures` and `calls` the totals."""
@@ -172,10 +193,12 @@ def build_reward(weights: dict[str, float], *, reward_model: str = "", device: A
             parts.append((name, float(weight), rule_reward))
         elif name == "bonus":
             parts.append((name, float(weight), bonus_reward))
+        elif name == "format":
+            parts.append((name, float(weight), format_reward))
         elif name == "ollama":
             parts.append((name, float(weight), OllamaJudgeReward(ollama_model, ollama_host, cache_dir)))
         else:
-            raise UserError(f"unknown reward source '{name}' in rewards; use model, rule, bonus or ollama")
+            raise UserError(f"unknown reward source '{name}' in rewards; use model, rule, bonus, format or ollama")
     if not parts:
         raise UserError("rewards is empty: give at least one source, e.g. rewards: {model: 1.0}")
     return MixedReward(parts)
