@@ -322,8 +322,8 @@ def run_ours(trl: dict[str, Any], a: argparse.Namespace, overrides: dict[str, An
         with patched(torch, "get_num_threads", lambda: 2):
             tr = trainer_mod.PPOTrainer(cfg)
         torch.set_num_threads(1)
-        if tr.side is not None and a.side_thread == "sequential":  # its two halves one after the other
-            tr.side.run = lambda side, main: (side(), main())  # type: ignore[method-assign]
+        if tr.runner.parallel and a.side_thread == "sequential":  # its two halves one after the other
+            tr.runner.run = lambda side, main: (side(), main())  # type: ignore[method-assign]
     else:
         tr = trainer_mod.PPOTrainer(cfg)
     inner = tr.inner
@@ -336,14 +336,14 @@ def run_ours(trl: dict[str, Any], a: argparse.Namespace, overrides: dict[str, An
     steps: list[dict[str, Any]] = []
     original_step = tr._optimizer_step
 
-    def optimizer_step(which: int) -> torch.Tensor:
+    def optimizer_step(which: int, step: bool = True) -> torch.Tensor:
         params = (tr._policy_params, tr._value_params)[which]
         prefix = ("policy.", "value.")[which]
         ids = {id(p) for p in params}
         grads = {n: p.grad.detach().clone() for n, p in named if id(p) in ids and n.startswith(prefix)
                  and p.grad is not None}
         lr = tr.optimizers[which].param_groups[0]["lr"]
-        norm = original_step(which)
+        norm = original_step(which, step)
         steps.append({"which": which, "grads": grads, "norm": float(norm), "lr": lr})
         return norm
 
@@ -359,15 +359,15 @@ def run_ours(trl: dict[str, Any], a: argparse.Namespace, overrides: dict[str, An
     try:
         with patched(generation_mod, "torch", forced):
             batch = tr.rollout(prompts)
-        rollout = {k: detached(v) for k, v in batch.items() if k != "graphs"}
+        rollout = {k: detached(v) for k, v in vars(batch).items() if k != "graphs"}
         lr_before = tr.schedulers[0].get_last_lr()[0]
         stats = tr.learn(batch, 0)
         lr_after = [s.get_last_lr()[0] for s in tr.schedulers]
     finally:
         for p in reversed(patches):
             p.__exit__(None, None, None)
-        if tr.side is not None:
-            tr.side.pool.shutdown(wait=True)
+        if tr.runner.parallel:
+            tr.runner.close()
             torch.set_num_threads(1)
         import gc
 
@@ -380,8 +380,8 @@ def run_ours(trl: dict[str, Any], a: argparse.Namespace, overrides: dict[str, An
     value_losses = [detached(c[2]) for c in calls["value_loss"]]
     opt = tr.optimizers[0].optimizer if hasattr(tr.optimizers[0], "optimizer") else tr.optimizers[0]
     result = {
-        "cfg": cfg, "side": tr.side is not None, "split_prompt": tr.split_prompt,
-        "reuse": tr.reuse_rollout_forward, "rollout": rollout, "stats": stats, "init": init, "weights": weights,
+        "cfg": cfg, "side": tr.runner.parallel, "split_prompt": tr.collect.split_prompt,
+        "reuse": tr.collect.reuse_forward, "rollout": rollout, "stats": stats, "init": init, "weights": weights,
         "ref_logp": ref_arg.detach().clone(), "logp_kl": logp_arg.detach().clone(),
         "kl": kl_masked.detach().clone(), "rewards": rewards.detach().clone(), "kl_coef": kl_coef,
         "gae": detached(calls["gae"][0][2]), "policy_losses": policy_losses, "value_losses": value_losses,

@@ -196,7 +196,7 @@ def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, 
     policy pass fewer per update; with fresh LoRA (policy == reference) the first KL is 0 up to their
     rounding (1e-13 here), and the first update matches the forward-pass run within that rounding.
     Two minibatches: with one, the rollout's forward is the update's and there is nothing to save."""
-    from rlhf.ppo.trainer import PolicyAndValue
+    from rlhf.ppo.models import PolicyAndValue
 
     calls = {"n": 0}
     policy_logits = PolicyAndValue.policy_logits
@@ -220,15 +220,15 @@ def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, 
 
 
 def _run_without(attr: str, monkeypatch: pytest.MonkeyPatch, cfg: PPOConfig) -> None:
-    """A run with one of the trainer's shortcuts turned off."""
+    """A run with one of the rollout collector's shortcuts turned off."""
     from rlhf.ppo.trainer import PPOTrainer
 
     init = PPOTrainer.__init__
 
     def without(self: PPOTrainer, cfg: PPOConfig) -> None:
         init(self, cfg)
-        assert getattr(self, attr) is True  # on by default for this set-up
-        setattr(self, attr, False)
+        assert getattr(self.collect, attr) is True  # on by default for this set-up
+        setattr(self.collect, attr, False)
 
     monkeypatch.setattr(PPOTrainer, "__init__", without)
     run(cfg)
@@ -247,7 +247,7 @@ def test_one_minibatch_reuses_the_rollout_forward(tiny_stack: dict[str, str], tm
     """With one minibatch the first PPO step sees the rollout's weights and the whole batch, so the
     rollout's policy and value forwards (kept with their graphs) are that step's: one pass fewer of
     each model per update, and the same update as recomputing them, within rounding."""
-    from rlhf.ppo.trainer import PolicyAndValue
+    from rlhf.ppo.models import PolicyAndValue
 
     calls = {"policy": 0, "value": 0}
     for name, key in (("policy_logits", "policy"), ("values", "value")):
@@ -263,7 +263,7 @@ def test_one_minibatch_reuses_the_rollout_forward(tiny_stack: dict[str, str], tm
     reused = dict(calls)
     calls.update(policy=0, value=0)
     again = build(PPOConfig, {**args, "output_dir": str(tmp_path / "b")}, "t")
-    _run_without("reuse_rollout_forward", monkeypatch, again)
+    _run_without("reuse_forward", monkeypatch, again)
     assert calls["policy"] - reused["policy"] == 2 and calls["value"] - reused["value"] == 2  # 2 updates
     _same_updates(tmp_path / "reuse", tmp_path / "b")
 
@@ -274,10 +274,10 @@ def test_prompts_read_while_sampling(tiny_stack: dict[str, str], tmp_path: Path,
     policy keeps its prompt state from sampling; the rollout's forwards then run only the last prompt
     token and the response. Same updates as reading whole rollouts, within rounding."""
     import rlhf.generation
-    import rlhf.ppo.trainer
+    import rlhf.ppo.rollout
 
     states = {"n": 0}
-    for module in (rlhf.generation, rlhf.ppo.trainer):
+    for module in (rlhf.generation, rlhf.ppo.rollout):
         original = module.key_values
 
         def counted(*a: Any, _original: Any = original) -> Any:

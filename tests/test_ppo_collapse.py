@@ -15,10 +15,11 @@ from rlhf.chips import action_token_index
 from rlhf.config import build
 from rlhf.errors import UserError
 from rlhf.ppo import core
-from rlhf.ppo import trainer as trainer_module
+from rlhf.ppo import rollout as rollout_module
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.metrics import CollapseWatch
-from rlhf.ppo.trainer import PPOTrainer, PromptStream
+from rlhf.ppo.rollout import PromptStream
+from rlhf.ppo.trainer import PPOTrainer
 
 
 def test_centre_scores_by_hand() -> None:
@@ -128,13 +129,13 @@ def test_answer_entropy_bonus_alone_moves_the_policy(tiny_stack: dict[str, str],
     the batch's answer mix is on; then the policy moves. The test stack's SFT model rarely finishes
     an answer, so the judge here reads an uneven mix (5 increase, 3 decrease) off the rows."""
     rows = iter(range(10**6))
-    monkeypatch.setattr(trainer_module, "judge",
+    monkeypatch.setattr(rollout_module, "judge",
                         lambda prompt, text, stopped: (0.0, False, "increase" if next(rows) % 8 < 5 else "decrease"))
     trainer = _trainer(tiny_stack, tmp_path / str(coef), answer_entropy_coef=coef, missing_eos_penalty=0.0)
     trainer.reward_fn = lambda prompts, texts, has_stop: torch.zeros(len(prompts))
     before = _policy_weights(trainer)
     batch = trainer.rollout(trainer.stream.batch(0, 8, 0, 1))
-    assert sorted(batch["actions"]) == ["decrease"] * 3 + ["increase"] * 5
+    assert sorted(batch.actions) == ["decrease"] * 3 + ["increase"] * 5
     trainer.learn(batch, 0)
     assert _changed(before, trainer._policy_params) == (coef > 0)
 
