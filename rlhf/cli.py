@@ -1,45 +1,24 @@
 """`rlhf <stage> [--config FILE.yaml] [--key value ...]`: one entry point for every stage.
 
 Each stage lives in its own module as a config dataclass and a `run(cfg) -> metrics` function that
-writes its outputs (and `metrics.json`) under `cfg.output_dir`. Modules are imported lazily so
-`rlhf --help` stays fast.
+writes its outputs (and `metrics.json`) under `cfg.output_dir`; rlhf.stages names them all. Modules
+are imported lazily so `rlhf --help` stays fast.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from typing import Any
 
 from rlhf.errors import UserError
-
-# stage words -> (module, config class, run function, one-line summary)
-STAGES: dict[str, tuple[str, str, str, str]] = {
-    "data preference": ("rlhf.data.preference", "PreferenceConfig", "run",
-                        "chip-advice preference pairs (+ SFT split) from the rule or an Ollama teacher"),
-    "data tabular": ("rlhf.data.tabular", "TabularDataConfig", "run",
-                     "the seed's CSVs: dims (length,width,height,action) or env (chip PPO dataset)"),
-    "tiny-model": ("rlhf.models.tiny", "TinyModelConfig", "run",
-                   "build a tiny Qwen2 model + tokenizer offline (tests, demo)"),
-    "sft": ("rlhf.sft", "SFTStageConfig", "run", "supervised warm start with TRL's SFTTrainer"),
-    "reward": ("rlhf.reward", "RewardConfig", "run", "Bradley-Terry reward model (scalar head), TRL's RewardTrainer"),
-    "score": ("rlhf.reward", "ScoreConfig", "run_score", "print reward-model scores for prompt/response pairs"),
-    "ppo": ("rlhf.ppo.trainer", "PPOConfig", "run", "PPO on a LoRA policy with value model, reference and KL penalty"),
-    "eval": ("rlhf.evaluate", "EvalConfig", "run", "compare models on held-out chips: agreement, JSON, reward, KL"),
-    "export": ("rlhf.export", "ExportConfig", "run", "merge LoRA, write GGUF + Modelfile, optionally push to Ollama"),
-    "tabular train": ("rlhf.gym.classifier", "TabularTrainConfig", "run_train", "train the tabular action classifier"),
-    "tabular predict": ("rlhf.gym.classifier", "TabularPredictConfig", "run_predict", "predict an action for a chip"),
-    "gym train": ("rlhf.gym.train", "GymTrainConfig", "run_train", "stable-baselines3 PPO on the chip environment"),
-    "gym eval": ("rlhf.gym.train", "GymEvalConfig", "run_eval", "evaluate a gym agent against random and oracle"),
-    "pipeline": ("rlhf.pipeline", "PipelineConfig", "run", "data -> SFT -> reward -> PPO -> eval -> export, resumable"),
-}
+from rlhf.stages import STAGES, load_stage
 
 
 def usage() -> str:
     width = max(map(len, STAGES))
     lines = ["usage: rlhf <stage> [--config FILE.yaml] [--key value ...]", "", "stages:"]
-    lines += [f"  {name.ljust(width)}  {entry[3]}" for name, entry in STAGES.items()]
+    lines += [f"  {name.ljust(width)}  {entry.summary}" for name, entry in STAGES.items()]
     lines += ["", "`rlhf <stage> --help` lists the keys of a stage. Every stage writes into --output_dir",
               "and leaves its results in OUTPUT_DIR/metrics.json."]
     return "\n".join(lines)
@@ -54,12 +33,6 @@ def find_stage(argv: list[str]) -> tuple[str, list[str]]:
     if group:
         raise UserError(f"'rlhf {argv[0]}' needs one of: {', '.join(s.split()[1] for s in group)}")
     raise UserError(f"unknown stage {argv[0]!r}; run `rlhf --help` for the list")
-
-
-def load_stage(name: str) -> tuple[type, Any, str]:
-    module_name, cfg_name, fn_name, _ = STAGES[name]
-    module = importlib.import_module(module_name)
-    return getattr(module, cfg_name), getattr(module, fn_name), module.__doc__ or ""
 
 
 def run_stage(name: str, argv: list[str]) -> dict[str, Any]:

@@ -35,14 +35,15 @@ Messages = list[dict[str, str]]
 
 @dataclass
 class EvalConfig:
-    models: str = field("", help="local models as name=PATH,name=PATH (a bare PATH is named after its folder)")
+    models: list[str] = field([], help="local models as name=PATH,name=PATH, or a YAML list of name=PATH "
+                                       "(a bare PATH is named after its folder)")
     data: str = field("runs/data", help="folder from `rlhf data preference` (uses test.jsonl) or a .jsonl")
     output_dir: str = field("runs/eval", help="where metrics.json goes")
     seed: int = field(0, help="seed of the sampled answers (the same for every model)", **SEED)
     n: int = field(200, help="held-out prompts (the first n of the test split)", min=1)
     reward_model: str = field("", help="reward model for reward_mean (empty: not measured)")
     reference: str = field("", help="reference model for kl_to_reference, usually the SFT model (empty: not measured)")
-    ollama_models: str = field("", help="models served by Ollama, comma-separated: name or label=ollama_name")
+    ollama_models: list[str] = field([], help="models served by Ollama, comma-separated: name or label=ollama_name")
     ollama_host: str = field("", help="Ollama host(s), comma-separated (default $OLLAMA_HOST)")
     temperature: float = field(0.7, help="temperature of the sampled pass and of the KL log-probs (PPO's)", gt=0)
     max_new_tokens: int = field(48, help="answer length budget", min=1)
@@ -55,14 +56,14 @@ class EvalConfig:
     timeout: float = field(120.0, help="seconds per Ollama request", gt=0)
 
     def validate(self) -> None:
-        if not self.models.strip() and not self.ollama_models.strip():
+        if not any(m.strip() for m in self.models) and not any(m.strip() for m in self.ollama_models):
             raise UserError("nothing to evaluate: pass --models name=PATH,... and/or --ollama_models NAME,...")
 
 
-def parse_named(spec: str, what: str) -> dict[str, str]:
-    """'a=X,b=Y' or 'X,Y' -> {name: value}; names must be unique."""
+def parse_named(items: list[str], what: str) -> dict[str, str]:
+    """['a=X', 'b=Y'] or ['X', 'Y'] -> {name: value}; names must be unique."""
     out: dict[str, str] = {}
-    for item in (s.strip() for s in spec.split(",")):
+    for item in (s.strip() for s in items):
         if not item:
             continue
         name, eq, value = item.partition("=")
@@ -208,7 +209,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     start = time.time()
     local = parse_named(cfg.models, "models")
-    served = parse_named(cfg.ollama_models, "ollama_models") if cfg.ollama_models.strip() else {}
+    served = parse_named(cfg.ollama_models, "ollama_models")
     clash = set(local) & set(served)
     if clash:
         raise UserError(f"the name {sorted(clash)[0]!r} is given to a local and an Ollama model; rename one")

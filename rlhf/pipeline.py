@@ -1,7 +1,8 @@
 """`rlhf pipeline`: base model -> preference data -> SFT -> reward model -> PPO -> eval -> export.
 
 One YAML: top-level keys (name, seed, output_dir, base_model, language, ...) and one section per
-stage holding that stage's own keys (`rlhf <stage> --help` lists them). The pipeline wires the stages
+stage holding that stage's own keys (`rlhf <stage> --help` lists them); rlhf.stages.PIPELINE names the
+stages in their order, with the section and folder of each. The pipeline wires the stages
 together (models, data and output folders), so a section never names a path of the run. Everything
 lands in one run folder (default runs/<name>/): base/ (the tiny model, when base_model is `tiny`),
 data/, sft/, reward/, ppo/, eval/, export/, each with its metrics.json, plus pipeline.json (status and
@@ -35,22 +36,13 @@ from typing import Any, Literal
 from rlhf.config import SEED, build, field, field_name
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, check_removable, is_owned, mark_owned, read_json, remove_owned_dir
+from rlhf.stages import PIPELINE, load_stage
 
 STATE_FILE = ".stage.json"
 HASH_VERSION = 1  # bump when the meaning of a stage's outputs changes: every run folder reruns
 # One path segment: no separator, no `..`, no leading dot (a hidden folder), nothing that breaks a line.
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
-# pipeline stage -> (`rlhf` stage it runs, YAML section, run sub-folder)
-STAGES: dict[str, tuple[str, str, str]] = {
-    "base": ("tiny-model", "tiny_model", "base"),
-    "data": ("data preference", "data", "data"),
-    "sft": ("sft", "sft", "sft"),
-    "reward": ("reward", "reward", "reward"),
-    "ppo": ("ppo", "ppo", "ppo"),
-    "eval": ("eval", "eval", "eval"),
-    "export": ("export", "export", "export"),
-}
 OPTIONAL = {"sft", "eval", "export"}  # sections that may say `enabled: false`
 RESUMABLE = {"data", "ppo"}  # continue from their own files when the config is unchanged
 # Keys the pipeline sets: a section that sets them would break the wiring between stages.
@@ -80,7 +72,7 @@ class PipelineConfig:
     ollama_host: str | None = field(None, help="Ollama host(s) for the stages that talk to Ollama (null: $OLLAMA_HOST)")
     threads: int = field(0, min=0, help="torch CPU threads for every stage (0: torch's default, all cores). On a quiet "
                                  "machine all cores are fastest; when another job shares them, 1 thread is")
-    from_: str | None = field(None, help="rerun from this stage on: " + ", ".join(STAGES))
+    from_: str | None = field(None, help="rerun from this stage on: " + ", ".join(PIPELINE))
     report: bool = field(True, help="write report.md at the end")
     overwrite: bool = field(False, help="let a stage that reruns delete its folder even when rlhf did not create "
                                         "it (no .rlhf-owned in it): the files of your own there are lost")
@@ -93,8 +85,8 @@ class PipelineConfig:
     export: dict = field({}, help="`rlhf export` keys, plus enabled: false")
 
     def validate(self) -> None:
-        if self.from_ is not None and self.from_ not in STAGES:
-            raise UserError(f"--from {self.from_!r} is not a stage; use one of {', '.join(STAGES)}")
+        if self.from_ is not None and self.from_ not in PIPELINE:
+            raise UserError(f"--from {self.from_!r} is not a stage; use one of {', '.join(PIPELINE)}")
         if not _RUN_NAME.fullmatch(self.name):
             raise UserError(f"name {self.name!r}: a run name is one folder name of letters, digits, '.', '_' and "
                             "'-', starting with a letter or digit (at most 128), e.g. chip-demo")
@@ -115,32 +107,30 @@ class Stage:
 
 
 def _section(cfg: PipelineConfig, name: str) -> dict[str, Any]:
-    return dict(getattr(cfg, STAGES[name][1]) or {})
+    return dict(getattr(cfg, PIPELINE[name].section) or {})
 
 
 def plan(cfg: PipelineConfig) -> list[Stage]:
     """Every stage's resolved config, checked before anything runs (an unknown key fails at once)."""
-    from rlhf.cli import load_stage
-
     root = cfg.root
     tiny = cfg.base_model.strip().lower() == "tiny"
     enabled = {}
-    for name in STAGES:
+    for name in PIPELINE:
         sec = _section(cfg, name)
         flag = sec.get("enabled", True)
         if "enabled" in sec and name not in OPTIONAL:
-            raise UserError(f"pipeline: section '{STAGES[name][1]}': the {name} stage cannot be disabled "
+            raise UserError(f"pipeline: section '{PIPELINE[name].section}': the {name} stage cannot be disabled "
                             f"(only {', '.join(sorted(OPTIONAL))} can)")
         if not isinstance(flag, bool):
-            raise UserError(f"pipeline: section '{STAGES[name][1]}': key 'enabled': expected true or false")
+            raise UserError(f"pipeline: section '{PIPELINE[name].section}': key 'enabled': expected true or false")
         enabled[name] = flag
     enabled["base"] = tiny
     base = str(root / "base") if tiny else cfg.base_model
     start = str(root / "sft") if enabled["sft"] else base  # the PPO policy's start and its reference
     data, reward = str(root / "data"), str(root / "reward")
     policy = str(root / "ppo" / "policy")
-    models = ",".join(f"{k}={v}" for k, v in (("base", base), ("sft", str(root / "sft")), ("ppo", policy))
-                      if k != "sft" or enabled["sft"])
+    models = [f"{k}={v}" for k, v in (("base", base), ("sft", str(root / "sft")), ("ppo", policy))
+              if k != "sft" or enabled["sft"]]
     wiring: dict[str, dict[str, Any]] = {
         "base": {},
         "data": {"cache_dir": str(root / "cache" / "ollama")},  # outside data/: survives a rerun of the stage
@@ -152,7 +142,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
     }
     stages: list[Stage] = []
     chain = f"v{HASH_VERSION}"
-    for name, (cli_name, sec_name, folder) in STAGES.items():
+    for name, (cli_name, sec_name, folder) in PIPELINE.items():
         cls, fn, _ = load_stage(cli_name)
         where = f"pipeline: section '{sec_name}'"
         sec = _section(cfg, name)
@@ -244,7 +234,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     record_path = root / "pipeline.json"
     record: dict[str, Any] = {"name": cfg.name, "output_dir": str(root), "base_model": cfg.base_model,
-                              "stages": {}, "order": list(STAGES)}
+                              "stages": {}, "order": list(PIPELINE)}
     t_run = time.time()
     forced = False
     total = len(stages)

@@ -13,8 +13,7 @@ from typing import Any
 
 from rlhf.io import atomic_write_text, read_json, read_jsonl
 from rlhf.plots import save_figure
-
-ORDER = ("base", "data", "sft", "reward", "ppo", "eval", "export")
+from rlhf.stages import PIPELINE
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -68,7 +67,7 @@ def _rel(path: Path, root: Path) -> str:
 def write_report(run_dir: str | Path) -> Path:
     root = Path(run_dir)
     plots = root / "plots"
-    m = {name: _load(root / name / "metrics.json") for name in ORDER}
+    m = {name: _load(root / stage.folder / "metrics.json") for name, stage in PIPELINE.items()}
     pipe = _load(root / "pipeline.json") or {}
     stages = pipe.get("stages", {})
     lines: list[str] = [f"# RLHF run: {pipe.get('name', root.name)}", ""]
@@ -78,7 +77,7 @@ def write_report(run_dir: str | Path) -> Path:
     # -- stages and wall time
     lines += ["## Stages and wall time", "", "| stage | status | wall time (s) | folder |", "|---|---|---|---|"]
     missing = []
-    for name in ORDER:
+    for name, stage in PIPELINE.items():
         st = stages.get(name, {})
         status = st.get("status") or ("done" if m[name] else "missing")
         if status == "disabled":
@@ -86,7 +85,7 @@ def write_report(run_dir: str | Path) -> Path:
         elif not m[name]:
             status = "missing (no metrics.json)"
             missing.append(name)
-        lines.append(f"| {name} | {status} | {_fmt(st.get('seconds'), 1)} | `{name}/` |")
+        lines.append(f"| {name} | {status} | {_fmt(st.get('seconds'), 1)} | `{stage.folder}/` |")
     total = pipe.get("stage_seconds_total")
     lines += ["", f"Total stage time: {_fmt(total, 1)} s (the time of the runs that produced each stage's "
               "outputs; a skipped stage keeps the time it took when it ran)." if total is not None else

@@ -16,6 +16,7 @@ from rlhf.config import SEED, field
 from rlhf.data.schema import SFT_COLUMNS, load_rows, model_context, resolve_split
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer, make_adapter_relocatable
+from rlhf.models.chatml import IM_END
 from rlhf.training import GRADIENT_CHECKPOINTING_HELP, precision_args, quiet_transformers, seed_everything, world_info
 
 
@@ -59,7 +60,7 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_length=cfg.max_length,
         logging_steps=cfg.logging_steps, save_strategy="no", report_to="none", **precision_args(cfg.dtype),
         gradient_checkpointing=cfg.gradient_checkpointing,
-        dataloader_num_workers=0, eos_token="<|im_end|>" if "<|im_end|>" in tok.get_vocab() else None,
+        dataloader_num_workers=0, eos_token=IM_END if IM_END in tok.get_vocab() else None,
         disable_tqdm=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
     result = trainer.train()

@@ -506,7 +506,7 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, request: pytest.F
 
 
 def test_the_table_covers_every_stage_and_the_issue() -> None:
-    from rlhf.cli import STAGES
+    from rlhf.stages import STAGES
 
     assert len(CASES) >= 100
     for stage in STAGES:

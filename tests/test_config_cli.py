@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from rlhf.cli import STAGES
 from rlhf.config import build, field, help_text, parse
 from rlhf.data.preference import PreferenceConfig
 from rlhf.errors import UserError
+from rlhf.stages import STAGES
 
 
 def one_line_error(proc) -> str:

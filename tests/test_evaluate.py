@@ -113,7 +113,7 @@ def test_local_and_ollama_models_side_by_side(assets, tmp_path, capsys):
 
 
 def test_deterministic_and_optional_measures(assets, tmp_path):
-    cfg = EvalConfig(models=f"b={assets['b']}", data=assets["data"], n=6, max_new_tokens=12,
+    cfg = EvalConfig(models=[f"b={assets['b']}"], data=assets["data"], n=6, max_new_tokens=12,
                      output_dir=str(tmp_path / "1"))
     first = run(cfg)["models"]["b"]
     again = run(EvalConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "2")}))["models"]["b"]
@@ -137,6 +137,19 @@ def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
 
 
 def test_parse_named():
-    assert parse_named("a=x/y, runs/ppo/policy", "models") == {"a": "x/y", "policy": "runs/ppo/policy"}
+    assert parse_named(["a=x/y", " runs/ppo/policy", ""], "models") == {"a": "x/y", "policy": "runs/ppo/policy"}
     with pytest.raises(UserError, match="not name=VALUE"):
-        parse_named("a=", "models")
+        parse_named(["a="], "models")
+
+
+def test_models_are_a_list_from_yaml_or_comma_separated_on_the_command_line(tmp_path):
+    """`--models a=X,b=Y` and a YAML list give the same list; the pipeline passes one as is."""
+    from rlhf.config import build, parse
+
+    want = ["a=x/y", "b=runs/ppo/policy"]
+    assert parse(EvalConfig, ["--models", "a=x/y,b=runs/ppo/policy"], "eval").models == want
+    assert build(EvalConfig, {"models": want}, "test").models == want
+    assert build(EvalConfig, {"models": "a=x/y, b=runs/ppo/policy"}, "test").models == want
+    assert parse(EvalConfig, ["--ollama_models", "m1,l=m2"], "eval").ollama_models == ["m1", "l=m2"]
+    with pytest.raises(UserError, match="nothing to evaluate"):
+        build(EvalConfig, {"models": [" "]}, "test")

@@ -19,6 +19,7 @@ from rlhf.chips.prompts import ChipSpec, dims_prompt
 from rlhf.errors import UserError
 from rlhf.export import ExportConfig, modelfile, run
 from rlhf.export import gguf as export_gguf
+from rlhf.models.chatml import QWEN2_PRETOKENIZE_REGEX
 from rlhf.models.tiny import build_tiny_model
 
 # The project's own chip prompts (en, zh): with the tiny tokenizer their ids change under a wrong
@@ -228,7 +229,7 @@ def test_pre_tokenizer_names_llama_cpp_knows() -> None:
         return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": list(parts)}}
 
     name = export_gguf.pre_tokenizer_name
-    assert name(seq(split(export_gguf.QWEN2_REGEX), byte_level(False))) == "qwen2"
+    assert name(seq(split(QWEN2_PRETOKENIZE_REGEX), byte_level(False))) == "qwen2"
     assert name(seq(split(export_gguf.LLAMA3_REGEX), byte_level(False))) == "llama-bpe"
     assert name(seq({"type": "Digits", "individual_digits": True}, byte_level(True))) == "smollm"
     assert name({"pre_tokenizer": byte_level(True)}) == "gpt-2"

@@ -86,7 +86,8 @@ FATAL = {"unreachable": "start it with `ollama serve` or fix --ollama_host",
          "http_429": "the server kept refusing (429); lower --concurrency",
          "http_4xx": "the server refused the request; check --ollama_model"}
 MAX_SKIPS_IN_A_ROW = 50
-# teacher_log.jsonl: per-batch request counts, in folders an older rlhf started (added to requests.jsonl's).
+# teacher_log.jsonl: request counts per batch rather than per request. This stage never writes it; where a
+# folder holds one, its counts are added to requests.jsonl's in the manifest, so no request goes uncounted.
 ROW_FILES = ("train.jsonl", "test.jsonl", "sft.jsonl", "skipped.jsonl", "requests.jsonl", "teacher_log.jsonl")
 
 OFF_TOPIC = {

@@ -11,30 +11,22 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from rlhf.errors import UserError
+from rlhf.models.chatml import CHATML_JINJA, ENDOFTEXT, QWEN2_PRETOKENIZE_REGEX
 
-OutType = Literal["f32", "f16", "bf16", "q8_0"]
 OUTTYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
 
 # HF class name -> GGUF architecture
 ARCHITECTURES: dict[str, str] = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 
-# Pre-tokenizer regexes as tokenizer.json writes them, and the llama.cpp name of each.
-QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
-               r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Llama 3's pre-tokenizer regex as tokenizer.json writes it (Qwen2's is QWEN2_PRETOKENIZE_REGEX, shared with
+# the tiny model's tokenizer); pre_tokenizer_name gives each its llama.cpp name.
 LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
                 r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
-
-CHATML_JINJA = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclass
@@ -60,7 +52,8 @@ def gguf_architecture(config: dict[str, Any], where: str = "config.json") -> str
 
 
 def _rope(config: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-    """rope_theta and scaling, from transformers 5's `rope_parameters` or the older top-level keys."""
+    """rope_theta and scaling, from `rope_parameters` (transformers 5's config.json) or the top-level
+    `rope_theta` / `rope_scaling` keys (transformers 4's)."""
     params = dict(config.get("rope_parameters") or {})
     theta = params.get("rope_theta", config.get("rope_theta"))
     if theta is None:
@@ -84,7 +77,7 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
     if len(byte_level) != 1 or byte_level[0].get("add_prefix_space", False):
         raise UserError(f"tokenizer.json: pre-tokenizer {kinds} is not byte-level BPE without prefix space; "
                         "the GGUF exporter only writes gpt2-style tokenizers")
-    if kinds == ["Split", "ByteLevel"] and splits == [QWEN2_REGEX]:
+    if kinds == ["Split", "ByteLevel"] and splits == [QWEN2_PRETOKENIZE_REGEX]:
         return "qwen2"
     if kinds == ["Split", "ByteLevel"] and splits == [LLAMA3_REGEX]:
         return "llama-bpe"
@@ -153,8 +146,8 @@ def _read_tokenizer(hf_dir: Path, config: dict[str, Any], n_rows: int) -> dict[s
     if eos is None:
         raise UserError(f"{hf_dir}: no EOS token in tokenizer_config.json or config.json; set eos_token")
     # llama.cpp falls back to token 11 for a missing BOS: point it at a real token instead.
-    bos = bos if bos is not None else (vocab.get("<|endoftext|>", eos))
-    pad = pad if pad is not None else (vocab.get("<|endoftext|>", eos))
+    bos = bos if bos is not None else (vocab.get(ENDOFTEXT, eos))
+    pad = pad if pad is not None else (vocab.get(ENDOFTEXT, eos))
 
     add_bos = tok_cfg.get("add_bos_token")
     if not isinstance(add_bos, bool):  # fast tokenizers say it in the post-processor instead

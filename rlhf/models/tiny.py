@@ -3,8 +3,8 @@
 The tokenizer is a byte-level BPE trained with `tokenizers` on chip-advice text, with Qwen2's own
 pre-tokenizer (transformers 5 loads a `qwen2` model's tokenizer as Qwen2Tokenizer, which splits
 digits one by one: training with the same regex keeps ids identical after save and reload),
-ChatML special tokens and chat template as Qwen2.5 uses. The weights are random (seeded): the SFT
-stage teaches the format. Loaded by the same code path as a real Qwen2.5.
+ChatML special tokens and chat template as Qwen2.5 uses (all from rlhf.models.chatml). The weights
+are random (seeded): the SFT stage teaches the format. Loaded by the same code path as a real Qwen2.5.
 """
 
 from __future__ import annotations
@@ -19,20 +19,9 @@ from rlhf.chips import ACTIONS, ChipSpec, dims_prompt, format_advice, rule_reaso
 from rlhf.config import SEED, field
 from rlhf.errors import UserError
 from rlhf.io import write_metrics
+from rlhf.models.chatml import CHATML_JINJA, ENDOFTEXT, IM_END, IM_START, QWEN2_PRETOKENIZE_REGEX
 
-PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 MIN_VOCAB = 256 + 3  # the byte-level alphabet and the special tokens; BPE never goes below
-# Qwen2.5's ChatML (without its default system prompt, as Ollama's template for it).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
-    r"""|\s+(?!\S)|\s+"""
-)
 FILLER = ["The weather is nice today.", "Bananas are yellow.", "I like trains.", "Paris is in France.",
           "json", "reason", "action", "the chip", "heat", "power", "mm", "increase decrease no_change"]
 
@@ -87,12 +76,12 @@ def build_tokenizer(seed: int, vocab_size: int) -> Any:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[PAD, IM_START, IM_END],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[ENDOFTEXT, IM_START, IM_END],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(chip_corpus(seed), trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=PAD, bos_token=None,
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT, bos_token=None,
                                  additional_special_tokens=[IM_START], padding_side="left", model_max_length=512)
-    hf.chat_template = CHATML_TEMPLATE
+    hf.chat_template = CHATML_JINJA
     return hf
 
 
@@ -109,7 +98,7 @@ def build_tiny_model(output_dir: str | Path, seed: int = 0, **sizes: Any) -> Pat
         intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
         bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids(IM_END),
-        pad_token_id=tok.convert_tokens_to_ids(PAD))
+        pad_token_id=tok.convert_tokens_to_ids(ENDOFTEXT))
     torch.manual_seed(cfg.seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config.eos_token_id = [config.eos_token_id]
