@@ -157,22 +157,27 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             if str(c) == str(value):
                 return c
         raise UserError(f"{where}: expected one of {', '.join(map(str, choices))}; got {value!r}")
-    if origin is list:
+    if origin is list or origin is dict or tp is dict:
+        return _coerce_container(value, tp, where)
+    return value
+
+
+def _coerce_container(value: Any, tp: Any, where: str) -> Any:
+    """A list (a comma-separated string on the command line) or a mapping (YAML/JSON text there)."""
+    if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
         if not isinstance(value, list):
             raise UserError(f"{where}: expected a list, got {value!r}")
         return [coerce(v, item_tp, f"{where}[{i}]") if item_tp is not Any else v for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if isinstance(value, str):
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise UserError(f"{where}: expected a mapping (YAML/JSON), got {value!r}") from None
-        if not isinstance(value, dict):
-            raise UserError(f"{where}: expected a mapping, got {value!r}")
-        return value
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"{where}: expected a mapping (YAML/JSON), got {value!r}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping, got {value!r}")
     return value
 
 

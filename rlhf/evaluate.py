@@ -22,10 +22,11 @@ from typing import Any, Literal
 
 import torch
 
+from rlhf.chips import judge
 from rlhf.config import SEED, field
 from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
-from rlhf.generation import evaluate_policy, generate, judge
+from rlhf.generation import evaluate_policy, generate
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, load_causal_lm, load_tokenizer, stop_token_ids
 from rlhf.training import quiet_transformers, seed_everything
@@ -159,7 +160,7 @@ def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: Scor
 def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: Scorer | None,
                 length_tok: Any) -> dict[str, Any]:
     """A model served by Ollama: greedy = temperature 0; sampled = `temperature` with a fixed seed."""
-    from rlhf.teachers.ollama import OllamaPool
+    from rlhf.ollama.pool import OllamaPool
 
     out: dict[str, Any] = {"kind": "ollama", "path": f"ollama:{name}"}
     answers: dict[str, list[str]] = {}

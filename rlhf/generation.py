@@ -1,4 +1,4 @@
-"""Sampling answers from a policy and judging them against the rule teacher.
+"""Sampling answers from a policy, and its agreement with the rule teacher (`rlhf.chips.rule.judge`).
 
 Used by PPO (before/after agreement), `rlhf eval` and the report, so "agreement" means one thing.
 """
@@ -10,29 +10,10 @@ from typing import Any
 
 import torch
 
-from rlhf.chips import ACTIONS, AdviceParseError, parse_advice, rule_action, spec_from_prompt
+from rlhf.chips import ACTIONS, judge
 from rlhf.models import stop_token_ids
 from rlhf.models.decoder import key_values, next_token_logits, supports_lean
-
-
-def chat_ids(tok: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
-    """Token ids of a chat rendered with the model's template (transformers 5 returns a dict)."""
-    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
-def chat_prompt_ids(tok: Any, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
-    return [chat_ids(tok, p, add_generation_prompt=True) for p in prompts]
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-        att[i, n - len(s):] = 1
-    return ids, att
+from rlhf.models.tokens import chat_prompt_ids, left_pad
 
 
 @dataclass
@@ -66,22 +47,13 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
     values of every prompt token but the last, computed with gradients if `prompt_state_grad`, so a
     forward over the rest (the last prompt token and the response) can continue from them instead of
     running the prompt again."""
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
-
     stops = stop_token_ids(tok)
     query, query_mask = left_pad(prompt_ids or chat_prompt_ids(tok, prompts), tok.pad_token_id)
     device = next(model.parameters()).device
-    warpers = [w for w in (TopKLogitsWarper(top_k) if do_sample and top_k else None,
-                           TopPLogitsWarper(top_p) if do_sample and top_p < 1.0 else None) if w is not None]
+    warpers = _warpers(do_sample, top_k, top_p)
     stop_ids = torch.tensor(stops, device=device)
     att = query_mask.to(device)
-    prompt_state = None
-    if keep_prompt_state and query.shape[1] > 1 and supports_lean(model):
-        with torch.set_grad_enabled(prompt_state_grad):
-            prompt_state = key_values(model, query[:, :-1].to(device), att[:, :-1])
-        logits, past = next_token_logits(model, query[:, -1:].to(device), att, prompt_state)
-    else:
-        logits, past = next_token_logits(model, query.to(device), att)
+    logits, past, prompt_state = _prompt_forward(model, query, att, keep_prompt_state, prompt_state_grad)
     finished = torch.zeros(len(query), dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
@@ -89,15 +61,7 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
     for step in range(max_new_tokens):
         logits = logits.float()
         if do_sample:
-            logits = logits / temperature
-            if record_logprobs:
-                logp = torch.log_softmax(logits, -1)
-                entropy.append(-(logp.exp() * logp).sum(-1))
-            for warp in warpers:
-                logits = warp(None, logits)
-            token = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
-            if record_logprobs:
-                logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+            token = _sample(logits, temperature, warpers, record_logprobs, logprobs, entropy)
         else:
             token = logits.argmax(-1)
         token = token.masked_fill(finished, tok.pad_token_id)  # rows that have stopped get padding
@@ -114,24 +78,58 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_n
         for name, steps in (("logprobs", logprobs), ("entropy", entropy)):
             recorded[name] = torch.zeros(response.shape)
             recorded[name][:, :len(steps)] = torch.stack(steps, 1).float().cpu()
+    texts, has_stop = _decode(tok, response, stops)
+    return Generated(query, query_mask, response, texts, has_stop, **recorded, prompt_state=prompt_state)
+
+
+def _warpers(do_sample: bool, top_k: int, top_p: float) -> list[Any]:
+    """Top-k, then top-p, each only when sampling and switched on."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    return [w for w in (TopKLogitsWarper(top_k) if do_sample and top_k else None,
+                        TopPLogitsWarper(top_p) if do_sample and top_p < 1.0 else None) if w is not None]
+
+
+def _prompt_forward(model: Any, query: torch.Tensor, att: torch.Tensor, keep_prompt_state: bool,
+                    prompt_state_grad: bool) -> tuple[torch.Tensor, Any, Any]:
+    """The first step's logits and keys and values, and with `keep_prompt_state` (where the lean
+    forward runs) the prompt state: the keys and values of every prompt token but the last."""
+    device = att.device
+    prompt_state = None
+    if keep_prompt_state and query.shape[1] > 1 and supports_lean(model):
+        with torch.set_grad_enabled(prompt_state_grad):
+            prompt_state = key_values(model, query[:, :-1].to(device), att[:, :-1])
+        logits, past = next_token_logits(model, query[:, -1:].to(device), att, prompt_state)
+    else:
+        logits, past = next_token_logits(model, query.to(device), att)
+    return logits, past, prompt_state
+
+
+def _sample(logits: torch.Tensor, temperature: float, warpers: list[Any], record_logprobs: bool,
+            logprobs: list[torch.Tensor], entropy: list[torch.Tensor]) -> torch.Tensor:
+    """One token per row drawn from float `logits` at `temperature` through `warpers`; with
+    `record_logprobs`, the step's entropy and the token's log-prob under the whole distribution are
+    appended to `entropy` and `logprobs`."""
+    logits = logits / temperature
+    if record_logprobs:
+        logp = torch.log_softmax(logits, -1)
+        entropy.append(-(logp.exp() * logp).sum(-1))
+    for warp in warpers:
+        logits = warp(None, logits)
+    token = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+    if record_logprobs:
+        logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+    return token
+
+
+def _decode(tok: Any, response: torch.Tensor, stops: list[int]) -> tuple[list[str], list[bool]]:
+    """Each row's text, cut at its first stop token, and whether it had one."""
     texts, has_stop = [], []
     for row in response.tolist():
         cut = next((i for i, t in enumerate(row) if t in stops), None)
         has_stop.append(cut is not None)
         texts.append(tok.decode(row[:cut] if cut is not None else row, skip_special_tokens=True))
-    return Generated(query, query_mask, response, texts, has_stop, **recorded, prompt_state=prompt_state)
-
-
-def judge(prompt_text: str, response: str, has_stop: bool = True) -> tuple[bool, bool, str | None]:
-    """(valid JSON advice, agrees with the rule teacher, parsed action) for one answer."""
-    spec = spec_from_prompt(prompt_text)
-    try:
-        action = parse_advice(response, strict=True).action if has_stop else None
-    except AdviceParseError:
-        action = None
-    valid = action is not None
-    agree = valid and spec is not None and action == rule_action(spec)
-    return valid, agree, action
+    return texts, has_stop
 
 
 def evaluate_policy(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, do_sample: bool,

@@ -223,6 +223,78 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
+def _skip_or_disable(stage: Stage, entry: dict[str, Any], tag: str, forced: bool) -> bool:
+    """Record a disabled stage or one already done for this config; True when it does not run."""
+    if stage.cfg is None:
+        entry.update(status="disabled", seconds=None)
+        _banner(f"{tag} {stage.name}: " + ("not used (base_model is a model, not 'tiny')"
+                                           if stage.name == "base" else "disabled in the config"))
+        return True
+    if not forced and is_done(stage):
+        entry.update(status="skipped", seconds=_state(stage.folder).get("seconds"), seconds_this_run=0.0)
+        _banner(f"{tag} {stage.name}: done already for this config, skipped "
+                f"(--from {stage.name} reruns it)")
+        return True
+    return False
+
+
+def _run_stage(stage: Stage, later: list[Stage], tag: str, forced: bool, cfg: PipelineConfig,
+               entry: dict[str, Any], record: dict[str, Any], record_path: Path) -> None:
+    """Run one stage from a clean folder (or continue it), marking its .stage.json complete only after."""
+    # Whatever follows was made from this stage's old outputs: it is no longer valid.
+    for other in later:
+        (other.folder / STATE_FILE).unlink(missing_ok=True)
+    state = _state(stage.folder)
+    resume = (stage.name in RESUMABLE and not forced and state.get("hash") == stage.hash
+              and not state.get("complete"))
+    if resume:
+        _banner(f"{tag} {stage.name}: continuing an interrupted run in {stage.folder}")
+    else:
+        _clean(stage.folder, cfg.overwrite)
+        _banner(f"{tag} {stage.name} -> {stage.folder}")
+    atomic_write_json(stage.folder / STATE_FILE, {"hash": stage.hash, "complete": False, "stage": stage.name})
+    t0 = time.time()
+    try:
+        stage.run(stage.cfg)
+    except BaseException:
+        entry.update(status="failed", seconds_this_run=round(time.time() - t0, 2))
+        atomic_write_json(record_path, record)
+        raise
+    finally:
+        gc.unfreeze()  # PPO freezes its models' objects for speed; let them be collected now
+        gc.collect()
+    seconds = round(time.time() - t0, 2)
+    if not (stage.folder / "metrics.json").is_file():
+        raise UserError(f"stage {stage.name} returned without writing {stage.folder / 'metrics.json'}")
+    atomic_write_json(stage.folder / STATE_FILE, {"hash": stage.hash, "complete": True, "stage": stage.name,
+                                                  "seconds": seconds, "resumed": resume})
+    entry.update(status="ran", seconds=seconds, seconds_this_run=seconds, resumed=resume)
+    atomic_write_json(record_path, record)
+    _banner(f"{stage.name}: done in {seconds:.1f} s")
+
+
+def _finish(cfg: PipelineConfig, record: dict[str, Any], record_path: Path, t_run: float) -> dict[str, Any]:
+    """Totals into pipeline.json, then the report and the run's metrics.json."""
+    root = cfg.root
+    record["seconds_this_run"] = round(time.time() - t_run, 2)
+    record["stage_seconds_total"] = round(sum(e.get("seconds") or 0 for e in record["stages"].values()), 2)
+    atomic_write_json(record_path, record)
+    out: dict[str, Any] = {"output_dir": str(root), "stages": {k: v["status"] for k, v in record["stages"].items()},
+                           "seconds_this_run": record["seconds_this_run"]}
+    if cfg.report:
+        from rlhf.report import write_report
+
+        out["report"] = str(write_report(root))
+    from rlhf.io import write_metrics
+
+    write_metrics(root, {**out, "stage_seconds": {k: v.get("seconds") for k, v in record["stages"].items()}})
+    print(f"\npipeline {cfg.name}: {record['seconds_this_run']:.1f} s this run "
+          f"({record['stage_seconds_total']:.1f} s of stage time in all)")
+    if "report" in out:
+        print(f"report: {out['report']}")
+    return out
+
+
 def run(cfg: PipelineConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         import torch
@@ -242,60 +314,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         forced = forced or cfg.from_ == stage.name
         entry: dict[str, Any] = {"folder": stage.folder.name, "hash": stage.hash or None}
         record["stages"][stage.name] = entry
-        if stage.cfg is None:
-            entry.update(status="disabled", seconds=None)
-            _banner(f"[{i}/{total}] {stage.name}: " + ("not used (base_model is a model, not 'tiny')"
-                                                       if stage.name == "base" else "disabled in the config"))
-            continue
-        if not forced and is_done(stage):
-            entry.update(status="skipped", seconds=_state(stage.folder).get("seconds"), seconds_this_run=0.0)
-            _banner(f"[{i}/{total}] {stage.name}: done already for this config, skipped "
-                    f"(--from {stage.name} reruns it)")
-            continue
-        # Whatever follows was made from this stage's old outputs: it is no longer valid.
-        for later in stages[i:]:
-            (later.folder / STATE_FILE).unlink(missing_ok=True)
-        state = _state(stage.folder)
-        resume = (stage.name in RESUMABLE and not forced and state.get("hash") == stage.hash
-                  and not state.get("complete"))
-        if resume:
-            _banner(f"[{i}/{total}] {stage.name}: continuing an interrupted run in {stage.folder}")
-        else:
-            _clean(stage.folder, cfg.overwrite)
-            _banner(f"[{i}/{total}] {stage.name} -> {stage.folder}")
-        atomic_write_json(stage.folder / STATE_FILE, {"hash": stage.hash, "complete": False, "stage": stage.name})
-        t0 = time.time()
-        try:
-            stage.run(stage.cfg)
-        except BaseException:
-            entry.update(status="failed", seconds_this_run=round(time.time() - t0, 2))
-            atomic_write_json(record_path, record)
-            raise
-        finally:
-            gc.unfreeze()  # PPO freezes its models' objects for speed; let them be collected now
-            gc.collect()
-        seconds = round(time.time() - t0, 2)
-        if not (stage.folder / "metrics.json").is_file():
-            raise UserError(f"stage {stage.name} returned without writing {stage.folder / 'metrics.json'}")
-        atomic_write_json(stage.folder / STATE_FILE, {"hash": stage.hash, "complete": True, "stage": stage.name,
-                                                      "seconds": seconds, "resumed": resume})
-        entry.update(status="ran", seconds=seconds, seconds_this_run=seconds, resumed=resume)
-        atomic_write_json(record_path, record)
-        _banner(f"{stage.name}: done in {seconds:.1f} s")
-    record["seconds_this_run"] = round(time.time() - t_run, 2)
-    record["stage_seconds_total"] = round(sum(e.get("seconds") or 0 for e in record["stages"].values()), 2)
-    atomic_write_json(record_path, record)
-    out: dict[str, Any] = {"output_dir": str(root), "stages": {k: v["status"] for k, v in record["stages"].items()},
-                           "seconds_this_run": record["seconds_this_run"]}
-    if cfg.report:
-        from rlhf.report import write_report
-
-        out["report"] = str(write_report(root))
-    from rlhf.io import write_metrics
-
-    write_metrics(root, {**out, "stage_seconds": {k: v.get("seconds") for k, v in record["stages"].items()}})
-    print(f"\npipeline {cfg.name}: {record['seconds_this_run']:.1f} s this run "
-          f"({record['stage_seconds_total']:.1f} s of stage time in all)")
-    if "report" in out:
-        print(f"report: {out['report']}")
-    return out
+        tag = f"[{i}/{total}]"
+        if not _skip_or_disable(stage, entry, tag, forced):
+            _run_stage(stage, stages[i:], tag, forced, cfg, entry, record, record_path)
+    return _finish(cfg, record, record_path, t_run)

@@ -44,6 +44,15 @@ def reward_normalization(model_dir: str | Path) -> tuple[float, float] | None:
     return float(data["mean"]), max(float(data["std"]), 1e-6)
 
 
+def write_normalization(model_dir: Path, metrics: dict[str, Any]) -> None:
+    """The scale of the rewards on held-out answers (chosen and rejected pooled): PPO divides by it so
+    that its KL coefficient means the same whatever scale Bradley-Terry happened to learn."""
+    pooled_mean = (metrics["reward_chosen_mean"] + metrics["reward_rejected_mean"]) / 2
+    pooled_var = ((metrics["reward_chosen_std"] ** 2 + metrics["reward_rejected_std"] ** 2) / 2
+                  + (metrics["reward_chosen_mean"] - pooled_mean) ** 2)
+    atomic_write_json(model_dir / NORMALIZATION_FILE, {"mean": pooled_mean, "std": math.sqrt(pooled_var)})
+
+
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
                        center_coef: float | None = None) -> torch.Tensor:
     """The loss RewardTrainer minimises, written out so it can be checked by hand."""
@@ -79,7 +88,7 @@ class RewardConfig(ModelOptions):
 @torch.no_grad()
 def score_texts(model: Any, tok: Any, conversations: list[list[dict[str, str]]], batch_size: int = 64) -> list[float]:
     """Reward of each full conversation (prompt + assistant answer), rendered with the chat template."""
-    from rlhf.generation import chat_ids
+    from rlhf.models.tokens import chat_ids
 
     return score_ids(model, tok, [chat_ids(tok, c, add_generation_prompt=False) for c in conversations], batch_size)
 
@@ -87,8 +96,8 @@ def score_texts(model: Any, tok: Any, conversations: list[list[dict[str, str]]],
 @torch.no_grad()
 def score_ids(model: Any, tok: Any, sequences: list[list[int]], batch_size: int = 64) -> list[float]:
     """Reward of each token sequence, read at its last token."""
-    from rlhf.generation import left_pad
     from rlhf.models.decoder import head_outputs
+    from rlhf.models.tokens import left_pad
 
     model.eval()
     device = next(model.parameters()).device
@@ -180,12 +189,7 @@ def run(cfg: RewardConfig) -> dict[str, Any]:
         metrics.update(evaluate_pairs(trainer.model, tok, test_rows, cfg.eval_batch_size))
         metrics["eval_action_ranking_accuracy"] = action_ranking_accuracy(trainer.model, tok, test_rows,
                                                                           cfg.eval_batch_size)
-        # Scale of the rewards on held-out answers (chosen and rejected pooled): PPO divides by it so
-        # that its KL coefficient means the same whatever scale Bradley-Terry happened to learn.
-        pooled_mean = (metrics["reward_chosen_mean"] + metrics["reward_rejected_mean"]) / 2
-        pooled_var = ((metrics["reward_chosen_std"] ** 2 + metrics["reward_rejected_std"] ** 2) / 2
-                      + (metrics["reward_chosen_mean"] - pooled_mean) ** 2)
-        atomic_write_json(out / NORMALIZATION_FILE, {"mean": pooled_mean, "std": math.sqrt(pooled_var)})
+        write_normalization(out, metrics)
         metrics["wall_seconds"] = round(time.time() - start, 2)
         write_metrics(out, metrics)
         ranking = metrics["eval_action_ranking_accuracy"]

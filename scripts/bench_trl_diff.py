@@ -291,7 +291,7 @@ def run_ours(trl: dict[str, Any], a: argparse.Namespace, overrides: dict[str, An
     import rlhf.ppo.trainer as trainer_mod
     import rlhf.reward
     from rlhf.config import build
-    from rlhf.generation import chat_ids
+    from rlhf.models.tokens import chat_ids
     from rlhf.ppo.config import PPOConfig
     from rlhf.training import quiet_transformers
 

@@ -34,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from rlhf.chips import format_advice, rule_advice, spec_from_prompt
+from rlhf.ollama.names import tagged
 
 Source = Callable[[list[dict], Any, dict], str]
 NOT_JSON_TEXT = "I am sorry, I cannot help with chip design today."
@@ -201,8 +202,8 @@ class LoopbackOllama:
         """`m` and `m:latest` are the same model, as in Ollama."""
         if name in self.sources or name in self.models:
             return name
-        alt = name[: -len(":latest")] if name.endswith(":latest") else f"{name}:latest"
-        return alt if (alt in self.sources or alt in self.models) else name
+        served = {tagged(n): n for n in [*self.sources, *self.models]}
+        return served.get(tagged(name), name)
 
     def model_names(self) -> list[str]:
         names = list(dict.fromkeys([*self.sources, *self.models]))

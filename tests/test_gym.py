@@ -18,7 +18,7 @@ from rlhf.data.tabular import run as run_data
 from rlhf.errors import UserError
 from rlhf.gym.chip_env import ChipEnv, ScaledObservation
 from rlhf.gym.judge import NEUTRAL, ModelJudge, NoJudge, OllamaJudge
-from rlhf.teachers.ollama import OllamaPool
+from rlhf.ollama.pool import OllamaPool
 
 # -- the chip model ------------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ def _tiny_train(out: Path, **kw) -> dict:
 
 
 def test_training_stops_when_most_judgements_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("rlhf.teachers.ollama.MAX_BACKOFF", 0.0)  # the retries' waits, not what is tested
+    monkeypatch.setattr("rlhf.ollama.pool.MAX_BACKOFF", 0.0)  # the retries' waits, not what is tested
     with LoopbackOllama(sources={"judge": _score_source}, faults=Faults(down_after=0)) as server:
         url = server.url
         with pytest.raises(UserError) as err:

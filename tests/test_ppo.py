@@ -269,13 +269,17 @@ def test_one_minibatch_reuses_the_rollout_forward(tiny_stack: dict[str, str], tm
 
 
 def test_prompts_read_while_sampling(tiny_stack: dict[str, str], tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                     monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """With the side thread, the value model reads each prompt while the policy samples, and the
     policy keeps its prompt state from sampling; the rollout's forwards then run only the last prompt
     token and the response. Same updates as reading whole rollouts, within rounding."""
     import rlhf.generation
     import rlhf.ppo.rollout
 
+    # the side thread needs two torch threads (one per thread); OMP_NUM_THREADS=1 would give one
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     states = {"n": 0}
     for module in (rlhf.generation, rlhf.ppo.rollout):
         original = module.key_values

@@ -50,7 +50,7 @@ def test_reward_stage_metrics_and_normalization(tiny_stack: dict[str, str]) -> N
 def test_model_reward_scores_a_cut_off_answer_closed_or_open(tiny_stack: dict[str, str]) -> None:
     """'closed' renders a cut-off answer like a finished one (the template closes the turn); 'open'
     scores the tokens as generated, the turn left open (TRL's way). A finished answer is the same."""
-    from rlhf.generation import chat_ids
+    from rlhf.models.tokens import chat_ids
     from rlhf.reward import score_ids, score_texts
     from rlhf.rewards import ModelReward
 

@@ -29,7 +29,7 @@ def _closed_port_url() -> str:
 
 @pytest.fixture(autouse=True)
 def _no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("rlhf.teachers.ollama.MAX_BACKOFF", 0.0)  # the judge's retries wait 0 s here
+    monkeypatch.setattr("rlhf.ollama.pool.MAX_BACKOFF", 0.0)  # the judge's retries wait 0 s here
 
 
 def _judge_reward(server: LoopbackOllama, tmp_path: Path):

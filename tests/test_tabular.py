@@ -14,7 +14,7 @@ from rlhf.cli import main
 from rlhf.data.tabular import DIMS_FILE, ENV_FILE, TabularDataConfig, read_dims_csv
 from rlhf.data.tabular import run as run_data
 from rlhf.errors import UserError
-from rlhf.gym.classifier import (
+from rlhf.tabular.classifier import (
     META_FILE,
     MODEL_FILE,
     TabularClassifier,

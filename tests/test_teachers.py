@@ -12,15 +12,14 @@ import pytest
 from ollama_server import NOT_JSON_TEXT, Faults, HtmlServer, LoopbackOllama, rule_source, smollm2_gguf
 
 from rlhf.chips import ADVICE_SCHEMA, ChipSpec, dims_prompt, parse_advice, rule_advice
+from rlhf.chips.advice import extract_json_object
 from rlhf.errors import UserError
+from rlhf.ollama.failures import schema_problem
+from rlhf.ollama.guard import JudgeFailureGuard
+from rlhf.ollama.hosts import parse_hosts
+from rlhf.ollama.names import file_stem, is_valid_name, tagged
+from rlhf.ollama.pool import OllamaPool
 from rlhf.teachers import make_teacher
-from rlhf.teachers.ollama import (
-    JudgeFailureGuard,
-    OllamaPool,
-    extract_json_object,
-    parse_hosts,
-    schema_problem,
-)
 
 SPECS = [ChipSpec(10, 20, h) for h in (5, 33, 34, 50, 66, 67, 99)]
 
@@ -47,6 +46,14 @@ def test_parse_hosts_env_default_and_list(monkeypatch):
     assert parse_hosts("http://a:1, b:2/") == ["http://a:1", "http://b:2"]
     with pytest.raises(UserError, match="OLLAMA_HOST"):
         parse_hosts(" , ")
+
+
+def test_model_names_tag_check_and_file():
+    assert tagged("chip-advisor") == "chip-advisor:latest" and tagged("team/chip") == "team/chip:latest"
+    assert tagged("qwen2.5:7b") == "qwen2.5:7b"
+    assert is_valid_name("team/chip-advisor:v1.2") and not is_valid_name("Bad Name")
+    assert not is_valid_name("chip\n")  # a final newline would pass a `$` match
+    assert file_stem("team/chip-advisor:v1") == "chip-advisor-v1"
 
 
 @pytest.mark.parametrize("text", [

@@ -1,4 +1,5 @@
-"""The chip domain: specs, sampling, prompts (zh/en), the advice schema and its parser.
+"""The chip domain: specs, sampling, prompts (zh/en), the advice schema and its parser, the rule
+teacher and the judge of an answer against it.
 
 Two task variants come from the seed document:
 - `dims`: a chip [length, width, height] in mm (1..100) and advice
@@ -17,11 +18,11 @@ from rlhf.chips.advice import (
     parse_advice,
 )
 from rlhf.chips.prompts import LANGUAGES, dims_prompt, spec_from_prompt
-from rlhf.chips.rule import RULES, rule_action, rule_advice, rule_reason
+from rlhf.chips.rule import RULES, judge, rule_action, rule_advice, rule_reason
 from rlhf.chips.spec import DIM_MAX, DIM_MIN, ChipSpec, sample_specs
 
 __all__ = [
     "ACTIONS", "ADVICE_SCHEMA", "Advice", "AdviceParseError", "action_token_index", "format_advice", "parse_advice",
-    "LANGUAGES", "dims_prompt", "spec_from_prompt", "RULES", "rule_action", "rule_advice", "rule_reason",
+    "LANGUAGES", "dims_prompt", "spec_from_prompt", "RULES", "judge", "rule_action", "rule_advice", "rule_reason",
     "DIM_MAX", "DIM_MIN", "ChipSpec", "sample_specs",
 ]

@@ -1,5 +1,5 @@
 """The rule teacher: the one source of truth for "correct advice" (data labels, evaluation
-agreement and the rule reward all call it).
+agreement and the rule reward all call it), and `judge`, which grades one answer against it.
 
 Default rule `height` (physically motivated, learnable from digits by a tiny model):
   the height is the package's vertical heat path. Below 34 mm the stack is too thin to spread the
@@ -10,7 +10,8 @@ Default rule `height` (physically motivated, learnable from digits by a tiny mod
 
 from __future__ import annotations
 
-from rlhf.chips.advice import Advice
+from rlhf.chips.advice import Advice, AdviceParseError, parse_advice
+from rlhf.chips.prompts import spec_from_prompt
 from rlhf.chips.spec import ChipSpec
 
 RULES = ("height",)
@@ -48,3 +49,15 @@ def rule_reason(action: str, language: str = "en") -> str:
 def rule_advice(spec: ChipSpec, language: str = "en", rule: str = "height") -> Advice:
     action = rule_action(spec, rule)
     return Advice(action, rule_reason(action, language))
+
+
+def judge(prompt_text: str, response: str, has_stop: bool = True) -> tuple[bool, bool, str | None]:
+    """(valid JSON advice, agrees with the rule teacher, parsed action) for one answer."""
+    spec = spec_from_prompt(prompt_text)
+    try:
+        action = parse_advice(response, strict=True).action if has_stop else None
+    except AdviceParseError:
+        action = None
+    valid = action is not None
+    agree = valid and spec is not None and action == rule_action(spec)
+    return valid, agree, action

@@ -36,67 +36,26 @@ refused unless --overwrite true.
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.chips import (
-    ACTIONS,
-    DIM_MAX,
-    DIM_MIN,
-    LANGUAGES,
-    RULES,
-    Advice,
-    ChipSpec,
-    dims_prompt,
-    format_advice,
-    rule_reason,
-)
+from rlhf.chips import DIM_MAX, DIM_MIN, LANGUAGES, RULES, ChipSpec
 from rlhf.config import SEED, field
-from rlhf.data.writer import AppendWriter, recover_jsonl
+from rlhf.data.failure_policy import host_failure, too_many_skips
+from rlhf.data.manifest import build_manifest
+from rlhf.data.pairs import SPLITS, build_row, chip_rng, choose_split, spec_stream
+from rlhf.data.rejections import DEFAULT_WEIGHTS, STRATEGIES
+from rlhf.data.resume import Progress, check_dir, prepare_dir, recover, semantic_args
+from rlhf.data.writer import AppendWriter
 from rlhf.errors import UserError
-from rlhf.io import atomic_write_json, read_json, write_metrics
-from rlhf.teachers.ollama import CONTENT_FAULTS, read_request_log
+from rlhf.io import atomic_write_json, write_metrics
 
-SPLITS = ("train", "test", "sft")
-STRATEGIES = ("wrong_action", "mismatched_reason", "corrupted_reason", "malformed_json", "missing_action", "off_topic")
-# Half the pairs teach the rule itself (wrong_action): format errors are easy to learn from few
-# pairs, the rule is not. Measured on the tiny model, 1000 rows, 8 reward epochs: with
-# 0.35/0.15/0.15/0.15/0.1/0.1 the reward model ranked the teacher's action first on 80% of held-out
-# chips and PPO learned to game it (always no_change); with these weights 95% (pair accuracy 0.99).
-DEFAULT_WEIGHTS = {"wrong_action": 0.5, "mismatched_reason": 0.2, "corrupted_reason": 0.1,
-                   "malformed_json": 0.1, "missing_action": 0.05, "off_topic": 0.05}
-FORMAT_VERSION = 1
-# Keys that shape the rows: a restart must use the same ones. The rest (hosts, concurrency...) may change.
-SEMANTIC_KEYS = ("teacher", "variant", "n", "seed", "language", "test_fraction", "sft_n", "sft_label_noise",
-                 "rejection_weights", "rule", "ollama_model")
-# Failures of the host rather than of the answer (every tag but CONTENT_FAULTS): the run stops (rows
-# kept) instead of skipping the chip, which would then be lost for good and change the rerun's chips.
-FATAL = {"unreachable": "start it with `ollama serve` or fix --ollama_host",
-         "timeout": "no answer within --timeout {timeout:g} s in {attempts}; raise --timeout or lower --concurrency",
-         "connection": "the connection kept breaking; check the host",
-         "model_not_found": "run `ollama pull {model}` on every host",
-         "http_5xx": "the server kept answering 5xx; check its log",
-         "http_429": "the server kept refusing (429); lower --concurrency",
-         "http_4xx": "the server refused the request; check --ollama_model"}
-MAX_SKIPS_IN_A_ROW = 50
-# teacher_log.jsonl: request counts per batch rather than per request. This stage never writes it; where a
-# folder holds one, its counts are added to requests.jsonl's in the manifest, so no request goes uncounted.
-ROW_FILES = ("train.jsonl", "test.jsonl", "sft.jsonl", "skipped.jsonl", "requests.jsonl", "teacher_log.jsonl")
-
-OFF_TOPIC = {
-    "en": ["The weather is lovely today; let's go for a walk.", "My favourite recipe uses three eggs and flour.",
-           "The train to the city leaves at nine.", "Cats sleep for most of the day.",
-           "This novel has a surprising ending."],
-    "zh": ["今天天气很好,我们去散步吧。", "我最喜欢的菜谱需要三个鸡蛋和面粉。", "去城里的火车九点出发。",
-           "猫一天中大部分时间都在睡觉。", "这本小说的结局出人意料。"],
-}
+# The stage and the names its callers import (spec_stream and STRATEGIES are defined in their own rooms).
+__all__ = ["PreferenceConfig", "STRATEGIES", "run", "spec_stream"]
 
 
 @dataclass
@@ -155,261 +114,106 @@ class PreferenceConfig:
                             "'{wrong_action: 1, off_topic: 1}'")
 
 
-# -- the chip stream and per-chip randomness -------------------------------------------------------
-def spec_stream(seed: int) -> Iterator[ChipSpec]:
-    """Distinct chips, uniformly drawn; the same sequence as `sample_specs(n, seed)` for any n."""
-    rng = random.Random(seed)
-    seen: set[ChipSpec] = set()
-    universe = (DIM_MAX - DIM_MIN + 1) ** 3
-    while len(seen) < universe:
-        spec = ChipSpec(rng.randint(DIM_MIN, DIM_MAX), rng.randint(DIM_MIN, DIM_MAX), rng.randint(DIM_MIN, DIM_MAX))
-        if spec not in seen:
-            seen.add(spec)
-            yield spec
+class _LazyTeacher:
+    """The teacher, made on first use: a resumed run with every row written never asks (nor checks) a host."""
+
+    def __init__(self, cfg: PreferenceConfig, out: Path, teacher: Any = None) -> None:
+        self.cfg, self.out, self.teacher = cfg, out, teacher
+
+    def get(self) -> Any:
+        if self.teacher is None:
+            self.teacher = _make_teacher(self.cfg, self.out)
+        return self.teacher
+
+    def close(self) -> None:
+        if self.teacher is not None:
+            self.teacher.close()
 
 
-def chip_rng(seed: int, spec: ChipSpec) -> random.Random:
-    # A string seed is hashed with SHA-512 by `random`: stable across runs and processes.
-    return random.Random(f"{seed}:{spec.key()}")
-
-
-# -- rejected answers ------------------------------------------------------------------------------
-def _corrupt(reason: str, rng: random.Random) -> str:
-    """Drop or repeat words (characters for Chinese), never returning the reason unchanged."""
-    words = reason.split() if " " in reason.strip() else list(reason)
-    if len(words) < 2:
-        return (reason + " " + reason).strip()
-    for _ in range(10):
-        out = list(words)
-        for _ in range(rng.randint(1, max(1, len(words) // 4))):
-            i = rng.randrange(len(out))
-            if rng.random() < 0.5 and len(out) > 1:
-                del out[i]
-            else:
-                out.insert(i, out[i])
-        text = (" " if " " in reason.strip() else "").join(out)
-        if text != reason:
-            return text
-    return reason + " " + words[-1]
-
-
-def _malformed(action: str, reason: str, rng: random.Random) -> str:
-    good = format_advice(action, reason)
-    kind = rng.choice(("truncate", "unbalanced", "single_quotes", "unquoted_key"))
-    if kind == "truncate":
-        text = good[: rng.randint(1, len(good) - 2)]
-    elif kind == "unbalanced":
-        text = good[:-1]
-    elif kind == "single_quotes":
-        text = good.replace('"', "'")
-    else:
-        text = good.replace('"action"', "action", 1)
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return text
-    return good[:-1]  # always broken, whatever the reason text held
-
-
-def make_rejected(strategy: str, action: str, reason: str, language: str, rng: random.Random) -> str:
-    others = [a for a in ACTIONS if a != action]
-    if strategy == "wrong_action":
-        other = rng.choice(others)
-        return format_advice(other, rule_reason(other, language))
-    if strategy == "mismatched_reason":
-        return format_advice(action, rule_reason(rng.choice(others), language))
-    if strategy == "corrupted_reason":
-        return format_advice(action, _corrupt(reason, rng))
-    if strategy == "malformed_json":
-        return _malformed(action, reason, rng)
-    if strategy == "missing_action":
-        return json.dumps({"reason": reason}, ensure_ascii=False)
-    if strategy == "off_topic":
-        return rng.choice(OFF_TOPIC[language])
-    raise ValueError(f"unknown strategy {strategy!r}")
-
-
-def _weighted(rng: random.Random, weights: dict[str, float]) -> str:
-    names = [s for s in STRATEGIES if weights.get(s, 0) > 0]
-    return rng.choices(names, weights=[weights[s] for s in names])[0]
-
-
-def _choose_split(u: float, need: dict[str, int]) -> str:
-    """Splits fill in proportion to what each still needs, so all of them finish together."""
-    total = sum(need.values())
-    acc = 0.0
-    for split in SPLITS:
-        acc += need[split] / total
-        if u < acc and need[split] > 0:
-            return split
-    return next(s for s in reversed(SPLITS) if need[s] > 0)
-
-
-def build_row(split: str, spec: ChipSpec, advice: Advice, rng: random.Random, cfg: PreferenceConfig,
-              teacher_model: str) -> dict[str, Any]:
-    prompt = [{"role": "user", "content": dims_prompt(spec, cfg.language)}]
-    dims = {"length": spec.length, "width": spec.width, "height": spec.height}
-    if split == "sft":
-        keep = rng.random() >= cfg.sft_label_noise
-        sft_action = advice.action if keep else rng.choice(ACTIONS)
-        # A kept action keeps the teacher's own reason; another action gets its plausible reason.
-        reason = advice.reason if sft_action == advice.action else rule_reason(sft_action, cfg.language)
-        return {"prompt": prompt, "completion": [{"role": "assistant", "content": format_advice(sft_action, reason)}],
-                **dims, "teacher_action": advice.action, "sft_action": sft_action}
-    strategy = _weighted(rng, cfg.rejection_weights)
-    chosen = format_advice(advice.action, advice.reason)
-    rejected = make_rejected(strategy, advice.action, advice.reason, cfg.language, rng)
-    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], **dims,
-            "teacher_action": advice.action, "teacher_model": teacher_model, "rejection_strategy": strategy}
-
-
-# -- the output folder -----------------------------------------------------------------------------
-def semantic_args(cfg: PreferenceConfig) -> dict[str, Any]:
-    args = {k: getattr(cfg, k) for k in SEMANTIC_KEYS}
-    args["sft_n"] = cfg.n if cfg.sft_n is None else cfg.sft_n
-    total = sum(cfg.rejection_weights.values())
-    args["rejection_weights"] = {s: cfg.rejection_weights.get(s, 0) / total for s in STRATEGIES}
-    if cfg.teacher != "ollama":
-        args["ollama_model"] = None
-    return {"format_version": FORMAT_VERSION, **args}
-
-
-def check_dir(out: Path, args: dict[str, Any], overwrite: bool) -> bool:
-    """Refuse to mix two different runs in one folder, writing nothing. True when this run starts the
-    folder (afresh, or over with `overwrite`); False when it resumes the run already there."""
-    args_path = out / "args.json"
-    if overwrite:
-        return True
-    if args_path.exists():
-        try:
-            old = read_json(args_path)
-        except (OSError, json.JSONDecodeError):
-            raise UserError(f"{args_path} is unreadable; delete the folder or pass --overwrite true") from None
-        diff = [k for k in sorted(set(old) | set(args)) if old.get(k) != args.get(k)]
-        if diff:
-            k = diff[0]
-            raise UserError(f"{out} holds a run made with other arguments ({k}: {old.get(k)!r} there, "
-                            f"{args.get(k)!r} now); use a new --output_dir or pass --overwrite true")
-        return False
-    present = [f for f in ROW_FILES if (out / f).exists()]
-    if present:
-        raise UserError(f"{out} holds {present[0]} but no args.json: not a folder of this stage; "
-                        "use a new --output_dir or pass --overwrite true")
-    return True
-
-
-def prepare_dir(out: Path, args: dict[str, Any], overwrite: bool) -> None:
-    """check_dir, then start the folder when this run starts it (with overwrite: over, keeping the cache)."""
-    if not check_dir(out, args, overwrite):
-        return
-    if overwrite:
-        for name in (*ROW_FILES, "manifest.json", "metrics.json", "args.json"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "args.json", args)
-
-
-def _spec_of(row: dict[str, Any], where: str) -> ChipSpec:
-    try:
-        return ChipSpec(int(row["length"]), int(row["width"]), int(row["height"]))
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{where}: a row lacks integer length/width/height; delete the folder or pass "
-                        "--overwrite true") from None
-
-
-# -- the stage -------------------------------------------------------------------------------------
 def run(cfg: PreferenceConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)
     args = semantic_args(cfg)
     # A run that starts the folder asks its teacher first (the Ollama teacher checks its hosts), so a
     # refused host leaves no folder or args.json behind; a resumed run asks it only if rows are missing.
-    teacher = _make_teacher(cfg, out) if check_dir(out, args, cfg.overwrite) else None
+    teacher = _LazyTeacher(cfg, out, _make_teacher(cfg, out) if check_dir(out, args, cfg.overwrite) else None)
     try:
         prepare_dir(out, args, cfg.overwrite)
         n_test = round(cfg.n * cfg.test_fraction)
         quota = {"train": cfg.n - n_test, "test": n_test, "sft": args["sft_n"]}
-
-        # What a previous run (killed or finished) left: rows per split and skipped chips.
-        done: dict[ChipSpec, str] = {}
-        counts: Counter[str] = Counter()
-        for split in SPLITS:
-            path = out / f"{split}.jsonl"
-            for row in recover_jsonl(path):
-                spec = _spec_of(row, str(path))
-                if spec in done:
-                    raise UserError(f"{path}: chip {spec.key()} appears twice; the folder was edited by hand: "
-                                    "pass --overwrite true")
-                done[spec] = split
-                counts[split] += 1
-        skipped_rows = recover_jsonl(out / "skipped.jsonl")
-        skipped = {_spec_of(r, str(out / "skipped.jsonl")) for r in skipped_rows}
-        recover_jsonl(out / "requests.jsonl")  # drop its torn tail too, before the teacher appends to it
-        over = [s for s in SPLITS if counts[s] > quota[s]]
-        if over:
-            raise UserError(f"{out / (over[0] + '.jsonl')} has {counts[over[0]]} rows, more than the {quota[over[0]]} "
-                            "asked; pass --overwrite true")
-        resumed = sum(counts.values())
-
-        need = {s: quota[s] - counts[s] for s in SPLITS}
-        in_a_row = 0  # chips skipped in a row: a teacher that never conforms must not walk all 10^6 chips
-        stream = spec_stream(cfg.seed)
-        writer = AppendWriter({**{s: out / f"{s}.jsonl" for s in SPLITS}, "skipped": out / "skipped.jsonl"})
-        try:
-            while sum(need.values()) > 0:
-                # Exactly as many chips as rows still missing: every chip asked is then consumed in order
-                # (written or skipped), which keeps the failure counts exact and the order resumable.
-                batch: list[ChipSpec] = []
-                want = min(cfg.batch_size, sum(need.values()))
-                for spec in stream:
-                    if spec not in done and spec not in skipped:
-                        batch.append(spec)
-                        if len(batch) == want:
-                            break
-                if not batch:
-                    raise UserError("ran out of distinct chips before the splits were full; ask for fewer rows")
-                if teacher is None:
-                    teacher = _make_teacher(cfg, out)
-                answers = teacher.advise_many(batch, cfg.language)
-                stop: str | None = None
-                for spec, answer in zip(batch, answers):
-                    if answer.advice is None:
-                        reason = answer.failure or "unknown"
-                        if reason not in CONTENT_FAULTS:  # the host, not the answer: skipping would lose the chip
-                            fix = FATAL.get(reason, "check the host").format(
-                                model=cfg.ollama_model, timeout=cfg.timeout,
-                                attempts=f"{cfg.retries + 1} attempt{'s' if cfg.retries else ''}")
-                            pool = getattr(teacher, "pool", None)
-                            if reason == "unreachable" and pool is not None and pool.all_down():
-                                fix = pool.down_text()  # names every host and why, not just "start it"
-                            stop = f"the Ollama teacher failed on chip {spec.key()} ({reason}: {fix})"
-                            break
-                        writer.write("skipped", {"length": spec.length, "width": spec.width, "height": spec.height,
-                                                 "reason": reason})
-                        skipped.add(spec)
-                        in_a_row += 1
-                        if in_a_row >= MAX_SKIPS_IN_A_ROW:
-                            stop = (f"the teacher gave no conforming answer for {in_a_row} chips in a row (last: "
-                                    f"{reason}); check that --ollama_model {cfg.ollama_model} follows the JSON schema")
-                            break
-                        continue
-                    in_a_row = 0
-                    rng = chip_rng(cfg.seed, spec)
-                    split = _choose_split(rng.random(), need)
-                    writer.write(split, build_row(split, spec, answer.advice, rng, cfg, teacher.model_name))
-                    done[spec] = split
-                    need[split] -= 1
-                writer.flush()
-                if stop:
-                    kept = sum(quota.values()) - sum(need.values())
-                    raise UserError(f"{stop}; the {kept} rows written are kept: rerun the same command to resume")
-        finally:
-            writer.close()
+        progress = recover(out, quota)
+        resumed = sum(progress.counts.values())
+        _fill(cfg, out, quota, progress, teacher)
     finally:
-        if teacher is not None:
-            teacher.close()
+        teacher.close()
+    return _finish(cfg, out, args, quota, resumed, t0)
 
+
+def _fill(cfg: PreferenceConfig, out: Path, quota: dict[str, int], progress: Progress,
+          teacher: _LazyTeacher) -> None:
+    """Ask for chips batch by batch until every split holds its quota, appending rows in stream order."""
+    need = {s: quota[s] - progress.counts[s] for s in SPLITS}
+    in_a_row = 0  # chips skipped in a row: a teacher that never conforms must not walk all 10^6 chips
+    stream = spec_stream(cfg.seed)
+    writer = AppendWriter({**{s: out / f"{s}.jsonl" for s in SPLITS}, "skipped": out / "skipped.jsonl"})
+    try:
+        while sum(need.values()) > 0:
+            batch = _next_batch(stream, progress, min(cfg.batch_size, sum(need.values())))
+            answers = teacher.get().advise_many(batch, cfg.language)
+            stop, in_a_row = _take_answers(cfg, batch, answers, teacher.get(), writer, progress, need, in_a_row)
+            writer.flush()
+            if stop:
+                kept = sum(quota.values()) - sum(need.values())
+                raise UserError(f"{stop}; the {kept} rows written are kept: rerun the same command to resume")
+    finally:
+        writer.close()
+
+
+def _next_batch(stream: Iterator[ChipSpec], progress: Progress, want: int) -> list[ChipSpec]:
+    # Exactly as many chips as rows still missing: every chip asked is then consumed in order
+    # (written or skipped), which keeps the failure counts exact and the order resumable.
+    batch: list[ChipSpec] = []
+    for spec in stream:
+        if spec not in progress.done and spec not in progress.skipped:
+            batch.append(spec)
+            if len(batch) == want:
+                break
+    if not batch:
+        raise UserError("ran out of distinct chips before the splits were full; ask for fewer rows")
+    return batch
+
+
+def _take_answers(cfg: PreferenceConfig, batch: list[ChipSpec], answers: list[Any], teacher: Any,
+                  writer: AppendWriter, progress: Progress, need: dict[str, int],
+                  in_a_row: int) -> tuple[str | None, int]:
+    """Write each answered chip's row, skip a non-conforming one; the reason to stop, if any, and the skip run."""
+    stop: str | None = None
+    for spec, answer in zip(batch, answers):
+        if answer.advice is None:
+            reason = answer.failure or "unknown"
+            stop = host_failure(reason, spec, cfg, teacher)
+            if stop is not None:
+                break
+            writer.write("skipped", {"length": spec.length, "width": spec.width, "height": spec.height,
+                                     "reason": reason})
+            progress.skipped.add(spec)
+            in_a_row += 1
+            stop = too_many_skips(in_a_row, reason, cfg)
+            if stop is not None:
+                break
+            continue
+        in_a_row = 0
+        rng = chip_rng(cfg.seed, spec)
+        split = choose_split(rng.random(), need)
+        writer.write(split, build_row(split, spec, answer.advice, rng, cfg, teacher.model_name))
+        progress.done[spec] = split
+        need[split] -= 1
+    return stop, in_a_row
+
+
+def _finish(cfg: PreferenceConfig, out: Path, args: dict[str, Any], quota: dict[str, int], resumed: int,
+            t0: float) -> dict[str, Any]:
+    """manifest.json and metrics.json, read back from the files; one line on stdout."""
     manifest = build_manifest(cfg, out, args, quota)
     manifest["resumed_rows"] = resumed
     manifest["seconds"] = round(time.perf_counter() - t0, 3)
@@ -434,44 +238,3 @@ def _make_teacher(cfg: PreferenceConfig, out: Path) -> Any:
                         timeout=cfg.timeout, retries=cfg.retries, backoff=cfg.backoff,
                         cache_dir=cfg.cache_dir or (out / "ollama_cache"), progress=cfg.progress,
                         request_log=out / "requests.jsonl")
-
-
-def build_manifest(cfg: PreferenceConfig, out: Path, args: dict[str, Any], quota: dict[str, int]) -> dict[str, Any]:
-    """Counts read back from the files, so they are exact however many times the run was resumed."""
-    splits: dict[str, int] = {}
-    actions: dict[str, dict[str, int]] = {}
-    strategies: Counter[str] = Counter()
-    sft_agree = 0
-    for split in SPLITS:
-        rows = recover_jsonl(out / f"{split}.jsonl")
-        splits[split] = len(rows)
-        actions[split] = dict(sorted(Counter(r["teacher_action"] for r in rows).items()))
-        if split == "sft":
-            sft_agree = sum(r["sft_action"] == r["teacher_action"] for r in rows)
-        else:
-            strategies.update(r["rejection_strategy"] for r in rows)
-    failures = Counter(r.get("reason", "unknown") for r in recover_jsonl(out / "skipped.jsonl"))
-    log = read_request_log(out / "requests.jsonl")
-    attempt_failures: Counter[str] = Counter(log["attempt_failures"])
-    per_host: Counter[str] = Counter(log["per_host"])
-    requests, cache_hits = log["requests"], log["cache_hits"]
-    for entry in recover_jsonl(out / "teacher_log.jsonl"):
-        attempt_failures.update(entry.get("attempt_failures", {}))
-        per_host.update(entry.get("per_host", {}))
-        requests += entry.get("requests", 0)
-        cache_hits += entry.get("cache_hits", 0)
-    return {
-        "stage": "data preference", "variant": cfg.variant, "teacher": cfg.teacher,
-        "teacher_model": "rule" if cfg.teacher == "rule" else cfg.ollama_model,
-        "seed": cfg.seed, "language": cfg.language, "n": cfg.n, "quota": quota, "splits": splits,
-        "complete": all(splits[s] == quota[s] for s in SPLITS),
-        "actions": actions, "rejection_strategies": dict(sorted(strategies.items())),
-        "sft_label_noise": cfg.sft_label_noise,
-        "sft_agreement": round(sft_agree / splits["sft"], 4) if splits["sft"] else None,
-        "failures": dict(sorted(failures.items())),  # chips skipped, by the reason of their last attempt
-        "attempt_failures": dict(sorted(attempt_failures.items())),  # every failed request, retried or not
-        "requests": requests, "cache_hits": cache_hits,
-        "requests_per_host": dict(sorted(per_host.items())),
-        "args": args, "files": {s: f"{s}.jsonl" for s in SPLITS},
-    }
-

@@ -52,7 +52,7 @@ def load_rows(path: Path, columns: tuple[str, ...], *, tokenizer: Any = None,
         for c in columns:
             check_messages(row[c], path, line, c)
         if tokenizer is not None and max_length:
-            from rlhf.generation import chat_ids
+            from rlhf.models.tokens import chat_ids
 
             n = len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True))
             if n >= max_length:

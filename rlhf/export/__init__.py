@@ -9,7 +9,6 @@ An existing hf/ is replaced only when rlhf wrote it (or with --overwrite true).
 
 from __future__ import annotations
 
-import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -19,8 +18,7 @@ from typing import Any, Literal
 from rlhf.config import SEED, field
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_text, check_removable, write_metrics
-
-_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?(:[a-z0-9_][a-z0-9._-]{0,127})?")
+from rlhf.ollama.names import default_name, file_stem, is_valid_name
 
 
 @dataclass
@@ -45,7 +43,7 @@ class ExportConfig:
                                         ".rlhf-owned in it): the files of your own there are lost")
 
     def validate(self) -> None:
-        if self.name is not None and not _NAME.fullmatch(self.name):  # `$` would let a final newline through
+        if self.name is not None and not is_valid_name(self.name):
             raise UserError(f"--name {self.name!r}: an Ollama name is lowercase letters, digits, '.', '_', '-' "
                             "(optionally namespace/ and :tag), e.g. chip-advisor:latest")
         if self.system is not None:
@@ -54,13 +52,60 @@ class ExportConfig:
             check_block("SYSTEM", self.system, "--system")
 
 
-def default_name(model: str) -> str:
-    base = re.sub(r"[^a-z0-9._-]+", "-", Path(model.rstrip("/")).name.lower()).strip("-._")
-    return base or "rlhf-model"
+@dataclass
+class _Merged:
+    """What step 1 hands on: the merged hf/ folder and everything decided before writing the GGUF."""
+
+    lora: bool
+    hf_dir: Path
+    gguf_path: Path
+    system: str | None
+    params: dict[str, Any]
+    mf_text: str
+
+
+def _merge(cfg: ExportConfig, name: str, out: Path) -> _Merged:
+    """Load (LoRA merged), check we can convert it before writing anything, keep hf/."""
+    from rlhf.export import gguf, merge, modelfile
+
+    lora = merge.is_lora(cfg.model)
+    model, tok = merge.load_merged(cfg.model)
+    gguf.gguf_architecture(model.config.to_dict(), f"{cfg.model}: config.json")  # fail before writing
+    system = cfg.system if cfg.system is not None else modelfile.default_system(tok, cfg.model)
+    gguf_path = out / f"{file_stem(name)}.gguf"
+    params = modelfile.parameters(modelfile.STOPS, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_ctx,
+                                  cfg.repeat_penalty)
+    # rendered before writing anything: a text the Modelfile cannot hold is refused, not half-exported
+    mf_text = modelfile.render(gguf_path.name, modelfile.CHATML_TEMPLATE, params, system, cfg.model,
+                               system_source="--system" if cfg.system is not None else
+                               f"{cfg.model}: the system prompt of its chat template (override it with --system)")
+    hf_dir = merge.save_hf(model, tok, out / "hf", overwrite=cfg.overwrite)
+    del model  # free the merged weights before the converter loads them again from hf/
+    return _Merged(lora, hf_dir, gguf_path, system, params, mf_text)
+
+
+def _push_or_say(cfg: ExportConfig, name: str, m: _Merged, mf_path: Path,
+                 seconds: dict[str, float]) -> dict[str, Any] | None:
+    """Push to Ollama with --push (its result), else print the `ollama create` command (None)."""
+    from rlhf.export import modelfile
+
+    pushed: dict[str, Any] | None = None
+    if cfg.push:
+        from rlhf.export import push
+
+        t = time.perf_counter()
+        pushed = push.push(m.gguf_path, name, template=modelfile.CHATML_TEMPLATE, params=m.params, system=m.system,
+                           host=cfg.ollama_host, force=cfg.force, progress=cfg.progress)
+        seconds["push"] = round(time.perf_counter() - t, 2)
+        print(f"created Ollama model {name} at {pushed['host']}: run `ollama run {name}`")
+    else:
+        print(f"GGUF written to {m.gguf_path}; to use it in Ollama run:\n"
+              f"  ollama create {name} -f {shlex.quote(str(mf_path))}")
+    return pushed
 
 
 def run(cfg: ExportConfig) -> dict[str, Any]:
-    from rlhf.export import gguf, merge, modelfile
+    from rlhf.export import gguf
 
     start = time.perf_counter()
     cfg.validate()
@@ -70,52 +115,24 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
 
-    # 1. merge: load (LoRA merged), check we can convert it before writing anything, keep hf/
     t = time.perf_counter()
-    lora = merge.is_lora(cfg.model)
-    model, tok = merge.load_merged(cfg.model)
-    gguf.gguf_architecture(model.config.to_dict(), f"{cfg.model}: config.json")  # fail before writing
-    system = cfg.system if cfg.system is not None else modelfile.default_system(tok, cfg.model)
-    gguf_path = out / f"{name.split('/')[-1].replace(':', '-')}.gguf"
-    params = modelfile.parameters(modelfile.STOPS, cfg.temperature, cfg.top_p, cfg.top_k, cfg.num_ctx,
-                                  cfg.repeat_penalty)
-    # rendered before writing anything: a text the Modelfile cannot hold is refused, not half-exported
-    mf_text = modelfile.render(gguf_path.name, modelfile.CHATML_TEMPLATE, params, system, cfg.model,
-                               system_source="--system" if cfg.system is not None else
-                               f"{cfg.model}: the system prompt of its chat template (override it with --system)")
-    hf_dir = merge.save_hf(model, tok, out / "hf", overwrite=cfg.overwrite)
-    del model
+    m = _merge(cfg, name, out)
     seconds["merge"] = round(time.perf_counter() - t, 2)
 
-    # 2. GGUF
     t = time.perf_counter()
-    conv = gguf.convert(hf_dir, gguf_path, cfg.outtype, name=name, progress=cfg.progress)
+    conv = gguf.convert(m.hf_dir, m.gguf_path, cfg.outtype, name=name, progress=cfg.progress)
     seconds["convert"] = round(time.perf_counter() - t, 2)
 
-    # 3. Modelfile beside the GGUF
-    mf_path = out / "Modelfile"
-    atomic_write_text(mf_path, mf_text)
-
-    # 4. push, or say how
-    pushed: dict[str, Any] | None = None
-    if cfg.push:
-        from rlhf.export import push
-
-        t = time.perf_counter()
-        pushed = push.push(gguf_path, name, template=modelfile.CHATML_TEMPLATE, params=params, system=system,
-                           host=cfg.ollama_host, force=cfg.force, progress=cfg.progress)
-        seconds["push"] = round(time.perf_counter() - t, 2)
-        print(f"created Ollama model {name} at {pushed['host']}: run `ollama run {name}`")
-    else:
-        print(f"GGUF written to {gguf_path}; to use it in Ollama run:\n"
-              f"  ollama create {name} -f {shlex.quote(str(mf_path))}")
+    mf_path = out / "Modelfile"  # beside the GGUF, which it names by file name
+    atomic_write_text(mf_path, m.mf_text)
+    pushed = _push_or_say(cfg, name, m, mf_path, seconds)
     seconds["total"] = round(time.perf_counter() - start, 2)
 
     metrics: dict[str, Any] = {
-        "name": name, "model": cfg.model, "lora_merged": lora, "architecture": conv.architecture,
-        "outtype": cfg.outtype, "gguf": str(gguf_path), "gguf_bytes": conv.bytes, "n_tensors": conv.n_tensors,
+        "name": name, "model": cfg.model, "lora_merged": m.lora, "architecture": conv.architecture,
+        "outtype": cfg.outtype, "gguf": str(m.gguf_path), "gguf_bytes": conv.bytes, "n_tensors": conv.n_tensors,
         "n_vocab": conv.n_vocab, "n_tokenizer": conv.n_tokenizer, "pre_tokenizer": conv.pre_tokenizer,
-        "hf_dir": str(hf_dir), "modelfile": str(mf_path), "system": system, "parameters": params,
+        "hf_dir": str(m.hf_dir), "modelfile": str(mf_path), "system": m.system, "parameters": m.params,
         "pushed": pushed is not None, "seconds": seconds,
     }
     if pushed:

@@ -211,7 +211,6 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
             name: str = "model", progress: bool = True) -> ConvertResult:
     """Write `out_path` (atomically: a temp name, renamed when complete) from the HF folder."""
     import gguf
-    from tqdm import tqdm
 
     if outtype not in OUTTYPES:
         raise UserError(f"outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
@@ -219,11 +218,7 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     arch = gguf_architecture(config, str(hf_dir / "config.json"))
     theta, _ = _rope(config)
-    n_head = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
-    hidden = int(config["hidden_size"])
-    head_dim = int(config.get("head_dim") or hidden // n_head)
-    n_layers = int(config["num_hidden_layers"])
+    dims = _dims(config)
 
     tensors = _load_tensors(hf_dir)
     n_rows = int(tensors["model.embed_tokens.weight"].shape[0])
@@ -231,21 +226,52 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     tok = _read_tokenizer(hf_dir, config, n_rows)
 
     w = gguf.GGUFWriter(path=None, arch=arch)
+    _add_hparams(w, config, dims, name=name, outtype=outtype, n_rows=n_rows, theta=theta)
+    _add_tokenizer(w, tok)
+    n_written = _add_tensors(w, tensors, hf_dir, arch, dims, tied=tied, outtype=outtype, progress=progress)
+    _write_atomic(w, out_path, progress)
+    return ConvertResult(path=out_path, architecture=arch, n_tensors=n_written, n_vocab=n_rows,
+                         n_tokenizer=tok["n_tok"], pre_tokenizer=tok["pre"], bytes=out_path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class _Dims:
+    n_head: int
+    n_kv: int
+    hidden: int
+    head_dim: int
+    n_layers: int
+
+
+def _dims(config: dict[str, Any]) -> _Dims:
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    hidden = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    n_layers = int(config["num_hidden_layers"])
+    return _Dims(n_head, n_kv, hidden, head_dim, n_layers)
+
+
+def _add_hparams(w: Any, config: dict[str, Any], d: _Dims, *, name: str, outtype: str, n_rows: int,
+                 theta: float) -> None:
     w.add_name(name)
     w.add_file_type(_file_type(outtype))
     w.add_vocab_size(n_rows)
     w.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    w.add_embedding_length(hidden)
-    w.add_block_count(n_layers)
+    w.add_embedding_length(d.hidden)
+    w.add_block_count(d.n_layers)
     w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)  # default would be head_count: wrong for GQA
+    w.add_head_count(d.n_head)
+    w.add_head_count_kv(d.n_kv)  # default would be head_count: wrong for GQA
     w.add_rope_freq_base(theta)  # default would be 10000: wrong for Qwen2 (1e6)
-    w.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // n_head:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(d.head_dim)
+    if d.head_dim != d.hidden // d.n_head:
+        w.add_key_length(d.head_dim)
+        w.add_value_length(d.head_dim)
     w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+
+
+def _add_tokenizer(w: Any, tok: dict[str, Any]) -> None:
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
@@ -258,8 +284,15 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
     w.add_add_eos_token(False)
     w.add_chat_template(tok["chat_template"])
 
+
+def _add_tensors(w: Any, tensors: dict[str, Any], hf_dir: Path, arch: str, d: _Dims, *, tied: bool,
+                 outtype: str, progress: bool) -> int:
+    """Every tensor under its GGUF name, in name order; the number written."""
+    import gguf
+    from tqdm import tqdm
+
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA,
-                                        n_layers)
+                                        d.n_layers)
     n_written = 0
     for hf_name in tqdm(sorted(tensors), desc="convert", unit="tensor", disable=not progress):
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
@@ -269,13 +302,16 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
             raise UserError(f"{hf_dir}: tensor {hf_name} has no GGUF name for architecture {arch}")
         data = tensors[hf_name].float().numpy()
         if arch == "llama" and ".attn_q." in gg_name:
-            data = _permute_qk(data, n_head)
+            data = _permute_qk(data, d.n_head)
         elif arch == "llama" and ".attn_k." in gg_name:
-            data = _permute_qk(data, n_kv)
+            data = _permute_qk(data, d.n_kv)
         encoded, qtype = _encode(gg_name, data, outtype)
         w.add_tensor(gg_name, encoded, raw_dtype=qtype)
         n_written += 1
+    return n_written
 
+
+def _write_atomic(w: Any, out_path: Path, progress: bool) -> None:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
@@ -288,5 +324,3 @@ def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    return ConvertResult(path=out_path, architecture=arch, n_tensors=n_written, n_vocab=n_rows,
-                         n_tokenizer=tok["n_tok"], pre_tokenizer=tok["pre"], bytes=out_path.stat().st_size)

@@ -14,8 +14,8 @@ CHUNK = 1 << 20
 
 
 def normalize_host(host: str | None) -> str:
-    """The project's convention (teachers/ollama.py): `--ollama_host`, else $OLLAMA_HOST, else the default."""
-    from rlhf.teachers.ollama import parse_hosts
+    """The project's convention (rlhf.ollama.hosts): `--ollama_host`, else $OLLAMA_HOST, else the default."""
+    from rlhf.ollama.hosts import parse_hosts
 
     hosts = parse_hosts(host)
     if len(hosts) != 1:

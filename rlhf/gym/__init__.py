@@ -1,2 +1,2 @@
-"""The seed's tabular track: the chip environment (gymnasium), its judges, the tabular action
-classifier and stable-baselines3 PPO training. Submodules import their heavy dependencies lazily."""
+"""The seed's Gym track: the chip environment (gymnasium), its judges and stable-baselines3 PPO
+training. Submodules import their heavy dependencies lazily."""

@@ -3,10 +3,10 @@
 - `none`:   no judge; the judge term of the reward is 0.
 - `model`:  the chip model's own score of the action (1 = best next state, 0 = worst), offline.
 - `ollama`: an LLM served by Ollama, asked through the project's one client
-            (`rlhf.teachers.ollama.OllamaPool`: retries, hosts, disk cache). In front of it sits an
+            (`rlhf.ollama.pool.OllamaPool`: retries, hosts, disk cache). In front of it sits an
             in-memory cache keyed by (rounded observation, action); `prefetch` asks for all four
             actions of many states in one batch. A failed answer counts as a neutral 0.5 and is
-            counted in `stats()`; past the threshold of `rlhf.teachers.ollama.JudgeFailureGuard`
+            counted in `stats()`; past the threshold of `rlhf.ollama.guard.JudgeFailureGuard`
             the run stops with one line. Built with `from_options`, it first checks that the host
             answers and serves the model. The judge is called by the environment's reward, never
             inside the policy's forward pass.
@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from rlhf.chips import physics
+from rlhf.ollama.names import DEFAULT_MODEL
 
 NEUTRAL = 0.5
 JUDGES = ("none", "model", "ollama")
@@ -78,7 +79,7 @@ class OllamaJudge:
     name = "ollama"
 
     def __init__(self, pool: Any, language: str = "en") -> None:
-        from rlhf.teachers.ollama import JudgeFailureGuard
+        from rlhf.ollama.guard import JudgeFailureGuard
 
         self.pool = pool
         self.guard = JudgeFailureGuard(pool, "fix it and rerun, or use --judge model (offline)")
@@ -91,7 +92,7 @@ class OllamaJudge:
     @classmethod
     def from_options(cls, model: str, hosts: str | None, language: str = "en", cache_dir: str | None = None,
                      concurrency: int = 4, timeout: float = 60.0, retries: int = 2) -> OllamaJudge:
-        from rlhf.teachers.ollama import OllamaPool
+        from rlhf.ollama.pool import OllamaPool
 
         pool = OllamaPool(model=model, hosts=hosts, concurrency=concurrency, timeout=timeout, retries=retries,
                           cache_dir=cache_dir)
@@ -138,7 +139,7 @@ class OllamaJudge:
         return out
 
 
-def make_judge(name: str, *, ollama_model: str = "qwen2.5:7b", ollama_host: str | None = None,
+def make_judge(name: str, *, ollama_model: str = DEFAULT_MODEL, ollama_host: str | None = None,
                language: str = "en", cache_dir: str | None = None) -> Judge:
     if name == "none":
         return NoJudge()

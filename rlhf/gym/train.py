@@ -95,8 +95,9 @@ def make_env_factory(env_cfg: dict[str, Any], judge: Any, start_chips: list | No
 
 def _judge_from(env_cfg: dict[str, Any], host_override: str = "") -> Any:
     from rlhf.gym.judge import make_judge
+    from rlhf.ollama.names import DEFAULT_MODEL
 
-    return make_judge(env_cfg["judge"], ollama_model=env_cfg.get("ollama_model", "qwen2.5:7b"),
+    return make_judge(env_cfg["judge"], ollama_model=env_cfg.get("ollama_model", DEFAULT_MODEL),
                       ollama_host=host_override or env_cfg.get("ollama_host") or None,
                       language=env_cfg.get("language", "en"), cache_dir=env_cfg.get("ollama_cache") or None)
 

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.chips import action_token_index
-from rlhf.generation import Generated, chat_ids, generate, judge, left_pad
+from rlhf.chips import action_token_index, judge
+from rlhf.generation import Generated, generate
 from rlhf.models.decoder import KeyValues, key_values, supports_lean
+from rlhf.models.tokens import chat_ids, left_pad
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.models import PolicyAndValue, Reference

@@ -11,7 +11,7 @@ Each source maps (prompts, responses, has_stop) to one score per response:
 - `ollama`: an Ollama judge (batched, cached, the project's one client) scoring the answer in [0, 1];
             a failed judgement scores a neutral 0.5 and is counted (`ollama_failures` of
             `ollama_calls` in `MixedReward.last`); past the threshold of
-            `rlhf.teachers.ollama.JudgeFailureGuard` the run stops with one line.
+            `rlhf.ollama.guard.JudgeFailureGuard` the run stops with one line.
 `build_reward({"rule": 0.7, "ollama": 0.3, "bonus": 0.2})` is the seed's mix as one config.
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from rlhf.chips import AdviceParseError, parse_advice
+from rlhf.chips import AdviceParseError, judge, parse_advice
 from rlhf.errors import UserError
-from rlhf.generation import judge
+from rlhf.ollama.names import DEFAULT_MODEL
 
 Messages = list[dict[str, str]]
 RewardFn = Callable[[list[Messages], list[str], list[bool]], torch.Tensor]
@@ -77,7 +77,7 @@ class ModelReward:
         self.shift, self.scale = stats or (0.0, 1.0)
 
     def __call__(self, prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
-        from rlhf.generation import chat_ids
+        from rlhf.models.tokens import chat_ids
         from rlhf.reward import score_ids
 
         seqs = []
@@ -125,7 +125,8 @@ class OllamaJudgeReward:
 
     def __init__(self, model: str, hosts: str | None, cache_dir: str | None, concurrency: int = 4,
                  timeout: float = 60.0, retries: int = 3) -> None:
-        from rlhf.teachers.ollama import JudgeFailureGuard, OllamaPool
+        from rlhf.ollama.guard import JudgeFailureGuard
+        from rlhf.ollama.pool import OllamaPool
 
         self.pool = OllamaPool(model=model, hosts=hosts, concurrency=concurrency, timeout=timeout,
                                retries=retries, cache_dir=cache_dir)
@@ -179,7 +180,7 @@ class MixedReward:
 
 
 def build_reward(weights: dict[str, float], *, reward_model: str = "", device: Any = "cpu",
-                 ollama_model: str = "qwen2.5:7b", ollama_host: str | None = None,
+                 ollama_model: str = DEFAULT_MODEL, ollama_host: str | None = None,
                  cache_dir: str | None = None, dtype: str = "float32", normalize: bool = True,
                  score_unfinished: str = "closed") -> MixedReward:
     parts: list[tuple[str, float, RewardFn]] = []
