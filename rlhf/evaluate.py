@@ -10,6 +10,9 @@ For each model, on the first `n` prompts of the test split:
                     log p_model - log p_ref, both at `temperature` as in PPO (local models only)
   mean_length       tokens of the greedy answers
 A table is printed and the same numbers are written to metrics.json as {"models": {name: {...}}}.
+Local models are evaluated by `rlhf.generation.evaluate_model`, the evaluation `rlhf sft` and
+`rlhf ppo` report too; answers are judged by `rlhf.generation.judge_answers` and scored by
+`rlhf.rewards.model.ModelReward`, as PPO's `model` reward source scores them.
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from typing import Any, Literal
 
 import torch
 
-from rlhf.chips import judge
 from rlhf.config import SEED, field
 from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
-from rlhf.generation import evaluate_policy, generate
+from rlhf.generation import Generated, evaluate_model, judge_answers
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, load_causal_lm, load_tokenizer, stop_token_ids
+from rlhf.rewards.model import ModelReward
 from rlhf.training import quiet_transformers, seed_everything
 
 Messages = list[dict[str, str]]
@@ -98,72 +101,48 @@ def _same_vocab(a: Any, b: Any) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
-class Scorer:
-    """The reward model (standardised as PPO does), loaded once for all models."""
-
-    def __init__(self, path: str, dtype: str, normalize: bool) -> None:
-        from rlhf.rewards import ModelReward
-
-        self.fn = ModelReward(path, dtype=dtype, normalize=normalize)
-
-    def __call__(self, prompts: list[Messages], texts: list[str]) -> float:
-        return float(self.fn(prompts, texts, [True] * len(texts)).mean())
-
-
-def _judge_all(prompts: list[Messages], texts: list[str], has_stop: list[bool]) -> tuple[float, float]:
-    verdicts = [judge(p[-1]["content"], t, s) for p, t, s in zip(prompts, texts, has_stop)]
-    n = max(1, len(verdicts))
-    return sum(a for _, a, _ in verdicts) / n, sum(v for v, _, _ in verdicts) / n
-
-
-def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: Scorer | None,
+def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: ModelReward | None,
                reference: tuple[Any, Any] | None) -> dict[str, Any]:
-    tok = load_tokenizer(path, padding_side="left")
-    model = load_causal_lm(path, ModelOptions(dtype=cfg.dtype, use_lora=False), merge_lora=True).eval()
-    greedy = evaluate_policy(model, tok, prompts, do_sample=False, max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size, seed=cfg.seed, n_samples=cfg.n_samples)
-    # The sampled pass: its answers are scored, judged and compared with the reference.
     from rlhf.ppo.core import response_mask
 
+    tok = load_tokenizer(path, padding_side="left")
+    model = load_causal_lm(path, ModelOptions(dtype=cfg.dtype, use_lora=False), merge_lora=True).eval()
     stops = stop_token_ids(tok)
-    texts: list[str] = []
-    has_stop: list[bool] = []
     kls: list[torch.Tensor] = []
-    ref_ok = reference is not None and _same_vocab(reference[1], tok)
-    rng = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed + 1)  # the same seed for every model: differences are the models'
-    for i in range(0, len(prompts), cfg.batch_size):
-        batch = prompts[i:i + cfg.batch_size]
-        g = generate(model, tok, batch, max_new_tokens=cfg.max_new_tokens, do_sample=True,
-                     temperature=cfg.temperature)
-        texts += g.texts
-        has_stop += g.has_stop
-        if ref_ok:
-            assert reference is not None
-            mask, _ = response_mask(g.response, stops, tok.pad_token_id)
-            lp = sequence_logprobs(model, g.query, g.query_mask, g.response, mask, cfg.temperature)
-            ref_lp = sequence_logprobs(reference[0], g.query, g.query_mask, g.response, mask, cfg.temperature)
-            kls.append(lp - ref_lp)
-    torch.random.set_rng_state(rng)
-    agree_s, valid_s = _judge_all(prompts, texts, has_stop)
+    ref_model = reference[0] if reference is not None and _same_vocab(reference[1], tok) else None
+
+    def kl_to_reference(g: Generated) -> None:  # each sampled batch, on its answers' tokens as generated
+        mask, _ = response_mask(g.response, stops, tok.pad_token_id)
+        lp = sequence_logprobs(model, g.query, g.query_mask, g.response, mask, cfg.temperature)
+        ref_lp = sequence_logprobs(ref_model, g.query, g.query_mask, g.response, mask, cfg.temperature)
+        kls.append(lp - ref_lp)
+
+    # The sampled answers (judged, scored, compared with the reference) start from seed + 1 for every
+    # model: differences are the models'.
+    passes = evaluate_model(model, tok, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed + 1, batch_size=cfg.batch_size, n_samples=cfg.n_samples, score=scorer,
+                            on_batch=kl_to_reference if ref_model is not None else None)
+    greedy, sampled = passes["greedy"], passes["sampled"]
     return {
         "kind": "local", "path": path,
         "agreement_greedy": greedy["agreement"], "json_valid_greedy": greedy["json_valid"],
-        "agreement_sampled": agree_s, "json_valid_sampled": valid_s,
-        "reward_mean": scorer(prompts, texts) if scorer else None,
+        "agreement_sampled": sampled["agreement"], "json_valid_sampled": sampled["json_valid"],
+        "reward_mean": sampled.get("reward_mean"),
         "kl_to_reference": float(torch.cat(kls).mean()) if kls else None,
         "mean_length": greedy["mean_length"], "action_share": greedy["action_share"],
         "samples": greedy["samples"],
     }
 
 
-def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: Scorer | None,
+def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: ModelReward | None,
                 length_tok: Any) -> dict[str, Any]:
     """A model served by Ollama: greedy = temperature 0; sampled = `temperature` with a fixed seed."""
     from rlhf.ollama.pool import OllamaPool
 
     out: dict[str, Any] = {"kind": "ollama", "path": f"ollama:{name}"}
     answers: dict[str, list[str]] = {}
+    judged: dict[str, dict[str, Any]] = {}
+    finished = [True] * len(prompts)  # Ollama stops at the template's stop tokens: answers are complete as returned
     for mode, options in (("greedy", {"temperature": 0, "seed": cfg.seed}),
                           ("sampled", {"temperature": cfg.temperature, "seed": cfg.seed})):
         pool = OllamaPool(model=name, hosts=cfg.ollama_host or None, concurrency=cfg.concurrency,
@@ -179,14 +158,12 @@ def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: Sco
             raise UserError(f"Ollama model {name}: {len(failed)} of {len(results)} requests failed "
                             f"(first: {failed[0]}); check the server and rerun")
         answers[mode] = [r.text for r in results]
-        # Ollama stops at the template's stop tokens; an answer is complete as returned.
-        out[f"agreement_{mode}"], out[f"json_valid_{mode}"] = _judge_all(prompts, answers[mode], [True] * len(prompts))
-    out["reward_mean"] = scorer(prompts, answers["sampled"]) if scorer else None
+        judged[mode] = judge_answers(prompts, answers[mode], finished, length_tok=length_tok, n_samples=cfg.n_samples)
+        out[f"agreement_{mode}"], out[f"json_valid_{mode}"] = judged[mode]["agreement"], judged[mode]["json_valid"]
+    out["reward_mean"] = float(scorer(prompts, answers["sampled"], finished).mean()) if scorer else None
     out["kl_to_reference"] = None  # Ollama returns no token log-probabilities
-    out["mean_length"] = (sum(len(length_tok(t, add_special_tokens=False)["input_ids"]) for t in answers["greedy"])
-                          / len(prompts)) if length_tok is not None else None
-    out["samples"] = [{"prompt": p[-1]["content"], "response": t}
-                      for p, t in zip(prompts[:cfg.n_samples], answers["greedy"])]
+    out["mean_length"] = judged["greedy"]["mean_length"]
+    out["samples"] = judged["greedy"]["samples"]
     return out
 
 
@@ -216,7 +193,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         raise UserError(f"the name {sorted(clash)[0]!r} is given to a local and an Ollama model; rename one")
     rows = load_rows(resolve_split(cfg.data, "test"), PROMPT_COLUMNS)[: cfg.n]
     prompts = [r["prompt"] for r in rows]
-    scorer = Scorer(cfg.reward_model, cfg.dtype, cfg.normalize_reward) if cfg.reward_model else None
+    scorer = (ModelReward(cfg.reward_model, dtype=cfg.dtype, normalize=cfg.normalize_reward)
+              if cfg.reward_model else None)
     reference = None
     if cfg.reference:
         ref_model = load_causal_lm(cfg.reference, ModelOptions(dtype=cfg.dtype, use_lora=False), merge_lora=True)
@@ -229,7 +207,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             results[name]["note"] = "no KL: the tokenizer differs from the reference's"
         results[name]["seconds"] = round(time.time() - t, 2)
         print(f"eval {name}: agreement {results[name]['agreement_greedy']:.3f} ({time.time() - t:.0f} s)", flush=True)
-    length_tok = reference[1] if reference else (scorer.fn.tok if scorer else None)
+    length_tok = reference[1] if reference else (scorer.tok if scorer else None)
     for label, name in served.items():
         t = time.time()
         results[label] = eval_ollama(name, prompts, cfg, scorer, length_tok)

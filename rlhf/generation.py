@@ -1,12 +1,15 @@
-"""Sampling answers from a policy, and its agreement with the rule teacher (`rlhf.chips.rule.judge`).
+"""Sampling answers from a policy (`generate`), and the one held-out evaluation of a policy
+(`evaluate_model`: greedy and sampled answers judged by the rule teacher, `rlhf.chips.rule.judge`).
 
-Used by PPO (before/after agreement), `rlhf eval` and the report, so "agreement" means one thing.
+PPO's rollouts sample through `generate`; `rlhf sft` (agreement after SFT), `rlhf ppo` (before and
+after) and `rlhf eval` all evaluate through `evaluate_model`, so "agreement" means one thing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -14,6 +17,10 @@ from rlhf.chips import ACTIONS, judge
 from rlhf.models import stop_token_ids
 from rlhf.models.decoder import key_values, next_token_logits, supports_lean
 from rlhf.models.tokens import chat_prompt_ids, left_pad
+
+Messages = list[dict[str, str]]
+Pass = Literal["greedy", "sampled"]
+ScoreFn = Callable[[list[Messages], list[str], list[bool]], torch.Tensor]  # a reward source, as in rlhf.rewards
 
 
 @dataclass
@@ -29,7 +36,7 @@ class Generated:
 
 
 @torch.no_grad()
-def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
+def generate(model: Any, tok: Any, prompts: list[Messages], *, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              prompt_ids: list[list[int]] | None = None, record_logprobs: bool = False,
              keep_prompt_state: bool = False, prompt_state_grad: bool = False) -> Generated:
@@ -132,36 +139,74 @@ def _decode(tok: Any, response: torch.Tensor, stops: list[int]) -> tuple[list[st
     return texts, has_stop
 
 
-def evaluate_policy(model: Any, tok: Any, prompts: list[list[dict[str, str]]], *, do_sample: bool,
-                    temperature: float = 1.0, max_new_tokens: int = 48, batch_size: int = 64,
-                    seed: int = 0, n_samples: int = 4) -> dict[str, Any]:
-    """Agreement with the rule teacher (invalid JSON counts as disagreement), JSON validity,
-    action shares, mean response length and a few sample answers."""
+def evaluate_model(model: Any, tok: Any, prompts: list[Messages], *, max_new_tokens: int, seed: int,
+                   temperature: float = 1.0, modes: tuple[Pass, ...] = ("greedy", "sampled"), batch_size: int = 64,
+                   n_samples: int = 4, score: ScoreFn | None = None,
+                   on_batch: Callable[[Generated], None] | None = None) -> dict[str, dict[str, Any]]:
+    """The held-out evaluation of a policy, one pass per mode: 'greedy', and 'sampled' at `temperature`.
+    Each pass: {agreement, json_valid, mean_length, action_share, samples} of `judge_answers`, and
+    its answers (texts, has_stop). The sampled pass only, as PPO and `rlhf eval` measure them on
+    sampled answers: reward_mean, the mean of `score` (a reward source, (prompts, texts, has_stop)
+    -> scores) over its answers, and `on_batch` called with each batch as generated.
+
+    Every pass starts from `seed` (greedy decoding draws no random numbers), in eval mode; the
+    caller's RNG state and train/eval mode are restored after, so evaluation neither depends on nor
+    disturbs the training's RNG stream."""
     was_training = model.training
     model.eval()
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # evaluation must not depend on (or disturb) the training RNG stream
+    rng = torch.random.get_rng_state()
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for mode in modes:
+            torch.manual_seed(seed)
+            out[mode] = _judged_pass(model, tok, prompts, mode == "sampled", temperature, max_new_tokens,
+                                     batch_size, n_samples, score, on_batch)
+    finally:
+        torch.random.set_rng_state(rng)
+        if was_training:
+            model.train()
+    return out
+
+
+def _judged_pass(model: Any, tok: Any, prompts: list[Messages], do_sample: bool, temperature: float,
+                 max_new_tokens: int, batch_size: int, n_samples: int, score: ScoreFn | None,
+                 on_batch: Callable[[Generated], None] | None) -> dict[str, Any]:
+    """One pass of `evaluate_model`: answers in batches, then judged (and scored, when sampling)."""
+    texts: list[str] = []
+    has_stop: list[bool] = []
+    for i in range(0, len(prompts), batch_size):
+        g = generate(model, tok, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, do_sample=do_sample,
+                     temperature=temperature)
+        texts += g.texts
+        has_stop += g.has_stop
+        if do_sample and on_batch is not None:
+            on_batch(g)
+    result = judge_answers(prompts, texts, has_stop, length_tok=tok, n_samples=n_samples)
+    result.update(texts=texts, has_stop=has_stop)
+    if do_sample and score is not None:
+        result["reward_mean"] = float(score(prompts, texts, has_stop).mean())
+    return result
+
+
+def judge_answers(prompts: list[Messages], texts: list[str], has_stop: list[bool], *,
+                  length_tok: Any = None, n_samples: int = 4) -> dict[str, Any]:
+    """Agreement with the rule teacher (invalid JSON counts as disagreement), JSON validity, action
+    shares, mean length in tokens of `length_tok` (None without one) and the first `n_samples` answers."""
     agree = valid = 0
     lengths: list[int] = []
     shares = dict.fromkeys(ACTIONS, 0)
     samples: list[dict[str, str]] = []
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i:i + batch_size]
-        g = generate(model, tok, batch, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature)
-        for p, text, stop in zip(batch, g.texts, g.has_stop):
-            ok, agrees, action = judge(p[-1]["content"], text, stop)
-            valid += ok
-            agree += agrees
-            lengths.append(len(tok(text, add_special_tokens=False)["input_ids"]))
-            if action:
-                shares[action] += 1
-            if len(samples) < n_samples:
-                samples.append({"prompt": p[-1]["content"], "response": text})
-    torch.random.set_rng_state(gen_state)
-    if was_training:
-        model.train()
+    for p, text, stop in zip(prompts, texts, has_stop):
+        ok, agrees, action = judge(p[-1]["content"], text, stop)
+        valid += ok
+        agree += agrees
+        if length_tok is not None:
+            lengths.append(len(length_tok(text, add_special_tokens=False)["input_ids"]))
+        if action:
+            shares[action] += 1
+        if len(samples) < n_samples:
+            samples.append({"prompt": p[-1]["content"], "response": text})
     n = max(1, len(prompts))
-    return {"agreement": agree / n, "json_valid": valid / n, "mean_length": sum(lengths) / n,
+    return {"agreement": agree / n, "json_valid": valid / n,
+            "mean_length": sum(lengths) / n if length_tok is not None else None,
             "action_share": {k: v / n for k, v in shares.items()}, "samples": samples}
-
-

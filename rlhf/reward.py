@@ -4,11 +4,12 @@ The seed's recipe: the LM head is replaced by a scalar head (AutoModelForSequenc
 one label) on the same base, trained on chosen/rejected pairs with
     loss = -log sigmoid(r_chosen - r_rejected [- margin]) [+ c * (r_chosen + r_rejected)^2]
 through TRL's RewardTrainer. Full fine-tuning or LoRA (the score head is always trained).
+The stage also writes the held-out scale (`reward_normalization.json`) that standardises the scores;
+scoring with a trained model, here as everywhere, goes through `rlhf.rewards.model`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import defaultdict
@@ -22,26 +23,9 @@ from rlhf.config import SEED, field
 from rlhf.data.schema import PREFERENCE_COLUMNS, check_messages, load_rows, model_context, resolve_split
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, read_jsonl, write_metrics
-from rlhf.models import (
-    ModelOptions,
-    add_lora,
-    load_reward_model,
-    load_tokenizer,
-    load_value_model,
-    make_adapter_relocatable,
-)
+from rlhf.models import ModelOptions, add_lora, load_tokenizer, load_value_model, make_adapter_relocatable
+from rlhf.rewards.model import NORMALIZATION_FILE, ModelReward, score_texts
 from rlhf.training import GRADIENT_CHECKPOINTING_HELP, precision_args, quiet_transformers, seed_everything, world_info
-
-NORMALIZATION_FILE = "reward_normalization.json"
-
-
-def reward_normalization(model_dir: str | Path) -> tuple[float, float] | None:
-    """(mean, std) of the reward model's held-out scores, as the reward stage wrote them; None if absent."""
-    path = Path(model_dir) / NORMALIZATION_FILE
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return float(data["mean"]), max(float(data["std"]), 1e-6)
 
 
 def write_normalization(model_dir: Path, metrics: dict[str, Any]) -> None:
@@ -83,29 +67,6 @@ class RewardConfig(ModelOptions):
     eval_batch_size: int = field(64, help="pairs per batch when scoring the held-out split", min=1)
     logging_steps: int = field(10, help="log every N steps", min=1)
     gradient_checkpointing: bool = field(False, help=GRADIENT_CHECKPOINTING_HELP)
-
-
-@torch.no_grad()
-def score_texts(model: Any, tok: Any, conversations: list[list[dict[str, str]]], batch_size: int = 64) -> list[float]:
-    """Reward of each full conversation (prompt + assistant answer), rendered with the chat template."""
-    from rlhf.models.tokens import chat_ids
-
-    return score_ids(model, tok, [chat_ids(tok, c, add_generation_prompt=False) for c in conversations], batch_size)
-
-
-@torch.no_grad()
-def score_ids(model: Any, tok: Any, sequences: list[list[int]], batch_size: int = 64) -> list[float]:
-    """Reward of each token sequence, read at its last token."""
-    from rlhf.models.decoder import head_outputs
-    from rlhf.models.tokens import left_pad
-
-    model.eval()
-    device = next(model.parameters()).device
-    scores: list[float] = []
-    for i in range(0, len(sequences), batch_size):
-        ids, att = left_pad(sequences[i:i + batch_size], tok.pad_token_id)  # the last token at the end of every row
-        scores += head_outputs(model, ids.to(device), att.to(device), 1)[:, 0, 0].float().cpu().tolist()
-    return scores
 
 
 def evaluate_pairs(model: Any, tok: Any, rows: list[dict[str, Any]], batch_size: int = 64) -> dict[str, Any]:
@@ -237,9 +198,8 @@ def run_score(cfg: ScoreConfig) -> dict[str, Any]:
     else:
         raise UserError("pass --prompt TEXT --response TEXT, or --file FILE.jsonl")
     quiet_transformers()
-    tok = load_tokenizer(cfg.model, padding_side="right")
-    model = load_reward_model(cfg.model, pad_token_id=tok.pad_token_id, flag="--model")
-    scores = score_texts(model, tok, [c for _, c in items], cfg.batch_size)
+    scorer = ModelReward(cfg.model, batch_size=cfg.batch_size, normalize=False, flag="--model")
+    scores = scorer.conversations([c for _, c in items])
     for (label, conv), s in zip(items, scores):
         print(f"{s:+.4f}  {label}  {conv[-1]['content'][:100]}".replace("  ", " ", 1 if not label else 0))
     metrics = {"n": len(scores), "mean": sum(scores) / len(scores), "scores": scores}

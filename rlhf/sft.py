@@ -87,11 +87,12 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
 
 
 def _evaluate(model: Any, tok: Any, cfg: SFTStageConfig) -> dict[str, Any]:
-    from rlhf.generation import evaluate_policy
+    from rlhf.generation import evaluate_model
     from rlhf.io import read_jsonl
 
     test = read_jsonl(resolve_split(cfg.data, "test"))[: cfg.eval_prompts]
     prompts = [r["prompt"] for r in test]
-    greedy = evaluate_policy(model, tok, prompts, do_sample=False, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    greedy = evaluate_model(model, tok, prompts, modes=("greedy",), max_new_tokens=cfg.max_new_tokens,
+                            seed=cfg.seed)["greedy"]
     return {"agreement_greedy": greedy["agreement"], "json_valid_greedy": greedy["json_valid"],
             "action_share_greedy": greedy["action_share"], "samples": greedy["samples"]}

@@ -20,7 +20,7 @@ pipeline writes only RUN/rlhf_config.yaml, whose `ppo` section is resolved over 
   the reward is the sequence-classification model in RUN/reward, passed to RLOOTrainer as a model with
   its tokenizer as the reward processing class;
 - prompts: `prompt` of RUN/data/train.jsonl for training; the first `eval_prompts` of test.jsonl for the
-  evaluation, which is our PPO's own (`rlhf.generation.evaluate_policy`, greedy and sampled at the run's
+  evaluation, which is our PPO's own (`rlhf.generation.evaluate_model`, greedy and sampled at the run's
   temperature, `response_length` new tokens, sampling seed = seed + 12345), before and after training;
 - budget: `total_episodes` completions (--episodes overrides), at most `response_length` tokens each
   (max_completion_length), sampled at `temperature` (top_k, top_p as ours);
@@ -112,15 +112,13 @@ def read_ppo_settings(run: Path) -> dict[str, Any]:
 
 # ---- one seed (the worker process) ------------------------------------------------------------------
 def evaluate(model: Any, tok: Any, prompts: list[Any], ppo: dict[str, Any], seed: int) -> dict[str, Any]:
-    """PPOTrainer._evaluate's agreement part, call for call: same prompts, modes, temperature, tokens, seed."""
-    from rlhf.generation import evaluate_policy
+    """PPOTrainer.evaluate's agreement part, the same call: same prompts, modes, temperature, tokens, seed."""
+    from rlhf.generation import evaluate_model
 
-    out: dict[str, Any] = {}
-    for mode, sample in (("greedy", False), ("sampled", True)):
-        r = evaluate_policy(model, tok, prompts, do_sample=sample, temperature=ppo["temperature"],
-                            max_new_tokens=ppo["response_length"], seed=seed + 12345)
-        out[mode] = {k: r[k] for k in ("agreement", "json_valid", "mean_length", "action_share")}
-    return out
+    r = evaluate_model(model, tok, prompts, temperature=ppo["temperature"], max_new_tokens=ppo["response_length"],
+                       seed=seed + 12345)
+    return {mode: {k: r[mode][k] for k in ("agreement", "json_valid", "mean_length", "action_share")}
+            for mode in ("greedy", "sampled")}
 
 
 def timed_trainer_class() -> type:
@@ -161,7 +159,7 @@ def reward_model(run: Path, scale: str) -> tuple[Any, Any, float]:
     import torch
 
     from rlhf.models import load_tokenizer, load_value_model
-    from rlhf.reward import reward_normalization
+    from rlhf.rewards.model import reward_normalization
 
     tok = load_tokenizer(str(run / "reward"), padding_side="right")
     model = load_value_model(str(run / "reward"), pad_token_id=tok.pad_token_id).eval()

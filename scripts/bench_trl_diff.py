@@ -25,7 +25,7 @@ response tokens on both sides, the bench's settings (batch 8, 1 minibatch, 4 PPO
   reward model behind `reward_as_trained`'s template), `rollout()` then `learn()`. Only the sampler is
   replaced: `torch.multinomial` inside `rlhf.generation.generate` returns TRL's tokens, so our own sampling
   loop, masks, decoding and scoring run as in training. What the trainer computes is read by wrapping
-  `rlhf.ppo.core`'s functions, `rlhf.reward.score_ids` and `PPOTrainer._optimizer_step` (observation only).
+  `rlhf.ppo.core`'s functions, `rlhf.rewards.model.score_ids` and `PPOTrainer._optimizer_step` (observation only).
   With parallel_value true and one torch thread, the side thread is enabled and its two halves run one
   after the other (`--side-thread concurrent`: on a real second thread).
 
@@ -289,7 +289,7 @@ def run_ours(trl: dict[str, Any], a: argparse.Namespace, overrides: dict[str, An
 
     import rlhf.ppo.core as core
     import rlhf.ppo.trainer as trainer_mod
-    import rlhf.reward
+    import rlhf.rewards.model as scoring
     from rlhf.config import build
     from rlhf.models.tokens import chat_ids
     from rlhf.ppo.config import PPOConfig
@@ -353,7 +353,7 @@ def run_ours(trl: dict[str, Any], a: argparse.Namespace, overrides: dict[str, An
 
     patches = [patched(core, name, recorder(getattr(core, name), calls[name])) for name in
                ("kl_per_token", "per_token_rewards", "gae", "masked_whiten", "policy_loss", "value_loss")]
-    patches.append(patched(rlhf.reward, "score_ids", recorder(rlhf.reward.score_ids, calls["score_ids"])))
+    patches.append(patched(scoring, "score_ids", recorder(scoring.score_ids, calls["score_ids"])))
     for p in patches:
         p.__enter__()
     try:

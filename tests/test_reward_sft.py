@@ -11,7 +11,8 @@ import torch
 
 from rlhf.config import build
 from rlhf.errors import UserError
-from rlhf.reward import NORMALIZATION_FILE, RewardConfig, ScoreConfig, bradley_terry_loss, run, run_score
+from rlhf.reward import RewardConfig, ScoreConfig, bradley_terry_loss, run, run_score
+from rlhf.rewards.model import NORMALIZATION_FILE
 
 
 def test_bradley_terry_loss_by_hand() -> None:
@@ -51,8 +52,7 @@ def test_model_reward_scores_a_cut_off_answer_closed_or_open(tiny_stack: dict[st
     """'closed' renders a cut-off answer like a finished one (the template closes the turn); 'open'
     scores the tokens as generated, the turn left open (TRL's way). A finished answer is the same."""
     from rlhf.models.tokens import chat_ids
-    from rlhf.reward import score_ids, score_texts
-    from rlhf.rewards import ModelReward
+    from rlhf.rewards.model import ModelReward, score_ids, score_texts
 
     prompt = [{"role": "user", "content": "A chip measures [length, width, height] = [10, 20, 30] mm. "
                                           "Recommend an adjustment as JSON."}]

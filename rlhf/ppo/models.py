@@ -93,7 +93,7 @@ def init_value_head(value: nn.Module, value_src: str, cfg: PPOConfig) -> None:
             if getattr(head, "bias", None) is not None:
                 head.bias.zero_()
         elif cfg.normalize_reward:
-            from rlhf.reward import reward_normalization
+            from rlhf.rewards.model import reward_normalization
 
             stats = reward_normalization(value_src)
             if stats:

@@ -28,7 +28,7 @@ import torch
 
 from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
-from rlhf.generation import evaluate_policy, generate
+from rlhf.generation import evaluate_model
 from rlhf.io import append_jsonl, atomic_write_json, write_metrics
 from rlhf.ppo import core
 from rlhf.ppo.checkpoint import Checkpoints, check_output_folders, save_outputs
@@ -316,22 +316,19 @@ class PPOTrainer:
         cfg, policy = self.cfg, self.inner.policy
         out: dict[str, Any] = {}
         with self.runner.all_threads():
-            for mode, sample in (("greedy", False), ("sampled", True)):
-                r = evaluate_policy(policy, self.tok, self.eval_prompts, do_sample=sample,
-                                    temperature=cfg.temperature, max_new_tokens=cfg.response_length,
-                                    seed=cfg.seed + 12345)
+            judged = evaluate_model(policy, self.tok, self.eval_prompts, temperature=cfg.temperature,
+                                    max_new_tokens=cfg.response_length, seed=cfg.seed + 12345)
+            for mode in ("greedy", "sampled"):
                 for key in ("agreement", "json_valid", "mean_length", "action_share"):
-                    out[f"{key}_{mode}"] = r[key]
+                    out[f"{key}_{mode}"] = judged[mode][key]
                 if mode == "greedy":
-                    out["samples"] = r["samples"]
-            # mean reward of sampled answers on held-out prompts (same sources as training), at its own
-            # seed and without moving the training's RNG
-            state = torch.random.get_rng_state()
-            torch.manual_seed(cfg.seed + 999)
-            g = generate(policy, self.tok, self.eval_prompts, max_new_tokens=cfg.response_length, do_sample=True,
-                         temperature=cfg.temperature)
-            out["reward_mean"] = float(self.reward_fn(self.eval_prompts, g.texts, g.has_stop).mean())
-            torch.random.set_rng_state(state)
+                    out["samples"] = judged[mode]["samples"]
+            # mean reward of sampled answers on held-out prompts (same sources as training): a sample of
+            # its own, at its own seed, in one batch
+            scored = evaluate_model(policy, self.tok, self.eval_prompts, modes=("sampled",),
+                                    temperature=cfg.temperature, max_new_tokens=cfg.response_length,
+                                    seed=cfg.seed + 999, batch_size=len(self.eval_prompts), score=self.reward_fn)
+            out["reward_mean"] = scored["sampled"]["reward_mean"]
         return out
 
     def _before_metrics(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Reward sources for PPO, composable with weights.
 
 Each source maps (prompts, responses, has_stop) to one score per response:
-- `model`:  the trained reward model on prompt + response (rendered with the chat template);
+- `model`:  the trained reward model on prompt + response (rendered with the chat template),
+            standardised by the reward stage's held-out stats (`rlhf.rewards.model`, where
+            all reward-model scoring lives);
 - `rule`:   the rule teacher: +1 valid JSON agreeing with it, 0 valid but another action, -1 invalid;
 - `bonus`:  1 when the answer's action is the rule's (the seed's "+0.2 for the optimal action");
 - `format`: -1 when the answer is not one JSON object with a valid action (or was cut off), else 0.
@@ -25,6 +27,7 @@ import torch
 from rlhf.chips import AdviceParseError, judge, parse_advice
 from rlhf.errors import UserError
 from rlhf.ollama.names import DEFAULT_MODEL
+from rlhf.rewards.model import ModelReward
 
 Messages = list[dict[str, str]]
 RewardFn = Callable[[list[Messages], list[str], list[bool]], torch.Tensor]
@@ -49,46 +52,6 @@ JUDGE_PROMPT = (
 def fence_answer(text: str) -> str:
     """`text` with its angle brackets escaped, so no <answer> or </answer> inside it can end the fence."""
     return text.replace("<", "&lt;").replace(">", "&gt;")
-
-
-class ModelReward:
-    """The trained reward model (scalar head). With `normalize`, scores are standardised by the
-    mean/std the reward stage measured on held-out answers, so they are near N(0, 1).
-
-    `unfinished` says how an answer cut off before its stop token is shown to the reward model:
-    'closed' renders it like a finished one (the chat template closes the turn, so the reward model
-    cannot see the cut; pair it with PPO's missing_eos_penalty), 'open' scores the tokens as generated,
-    the turn left open, as TRL does."""
-
-    def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 64,
-                 dtype: str = "float32", normalize: bool = True, unfinished: str = "closed") -> None:
-        if unfinished not in ("closed", "open"):
-            raise UserError(f"score_unfinished must be 'closed' or 'open', got {unfinished!r}")
-        self.unfinished = unfinished
-        from rlhf.models import ModelOptions, load_reward_model, load_tokenizer
-        from rlhf.reward import reward_normalization
-
-        self.tok = load_tokenizer(path, padding_side="right")
-        self.model = load_reward_model(path, ModelOptions(dtype=dtype, use_lora=False),
-                                       pad_token_id=self.tok.pad_token_id).to(device).eval()
-        self.model.requires_grad_(False)
-        self.batch_size = batch_size
-        stats = reward_normalization(path) if normalize else None
-        self.shift, self.scale = stats or (0.0, 1.0)
-
-    def __call__(self, prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
-        from rlhf.models.tokens import chat_ids
-        from rlhf.reward import score_ids
-
-        seqs = []
-        for prompt, response, stopped in zip(prompts, responses, has_stop):
-            if stopped or self.unfinished == "closed":  # rendered as the reward model saw answers in training
-                seqs.append(chat_ids(self.tok, prompt + [{"role": "assistant", "content": response}],
-                                     add_generation_prompt=False))
-            else:
-                seqs.append(chat_ids(self.tok, prompt, add_generation_prompt=True)
-                            + self.tok(response, add_special_tokens=False)["input_ids"])
-        return (torch.tensor(score_ids(self.model, self.tok, seqs, self.batch_size)) - self.shift) / self.scale
 
 
 def rule_reward(prompts: list[Messages], responses: list[str], has_stop: list[bool]) -> torch.Tensor:
