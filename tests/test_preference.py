@@ -19,7 +19,9 @@ from ollama_server import Faults, LoopbackOllama
 
 from rlhf.chips import ACTIONS, AdviceParseError, ChipSpec, dims_prompt, format_advice, parse_advice, rule_advice
 from rlhf.config import parse
-from rlhf.data.preference import STRATEGIES, PreferenceConfig, run, spec_stream
+from rlhf.data.pairs import spec_stream
+from rlhf.data.preference import PreferenceConfig, run
+from rlhf.data.rejections import STRATEGIES
 from rlhf.errors import UserError
 
 ROW_FILES = ("train.jsonl", "test.jsonl", "sft.jsonl")

@@ -54,9 +54,6 @@ from rlhf.data.writer import AppendWriter
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json, write_metrics
 
-# The stage and the names its callers import (spec_stream and STRATEGIES are defined in their own rooms).
-__all__ = ["PreferenceConfig", "STRATEGIES", "run", "spec_stream"]
-
 
 @dataclass
 class PreferenceConfig:
