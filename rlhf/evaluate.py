@@ -55,7 +55,7 @@ class EvalConfig:
     normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
     n_samples: int = field(3, help="greedy sample answers kept per model in metrics.json", min=0)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
-        "float32", help="float32 | bfloat16 | float16 | auto")
+        "float32", help="float32 | bfloat16 | float16 | auto (bf16 where the GPU or CPU has bf16 units, else f32)")
     concurrency: int = field(4, help="concurrent Ollama requests per host", min=1)
     timeout: float = field(120.0, help="seconds per Ollama request", gt=0)
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf.models.precision import resolve_dtype
+
 # One text for the SFT and reward stages' `gradient_checkpointing` key (both default to false).
 GRADIENT_CHECKPOINTING_HELP = ("recompute activations in the backward pass: less memory, more compute. TRL turns "
                                "it on by default; with LoRA it also sends the backward through every layer "
@@ -62,9 +64,9 @@ def quiet_transformers() -> None:
 
 
 def precision_args(dtype: str) -> dict[str, Any]:
-    """TrainingArguments for a model loaded in `dtype`: autocast in bf16/fp16. Without a GPU,
-    transformers refuses bf16 unless told it runs on CPU (where bf16 matmuls are ~2x faster than
-    f32 on CPUs with AVX512-BF16, measured: SmolLM2-135M forward 1.5 -> 0.7 s)."""
+    """TrainingArguments for a model loaded in `dtype` (`auto` resolved by rlhf.models.precision):
+    autocast in bf16/fp16. Without a GPU, transformers refuses bf16 unless told it runs on CPU."""
+    dtype = resolve_dtype(dtype)
     half = dtype in ("bfloat16", "float16")
     return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16",
             "use_cpu": half and not torch.cuda.is_available()}

@@ -205,3 +205,22 @@ def test_lora_layers_adapts_only_the_last_layers(tiny: Path) -> None:
     assert adapted == {str(n - 1)}
     with pytest.raises(UserError, match=f"lora_layers is {n + 1} but the model has {n} layers"):
         add_lora(load_causal_lm(str(tiny)), ModelOptions(lora_layers=n + 1))
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    from rlhf.models import precision
+    from rlhf.training import precision_args
+
+    avx2_only = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    avx512_bf16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+    assert not precision._cpu_flags(avx2_only) & precision._CPU_BF16_FLAGS
+    assert precision._cpu_flags(avx512_bf16) & precision._CPU_BF16_FLAGS
+    folder = str(build_tiny_model(tmp_path / "tiny"))
+    for fast, expected, weights in ((False, "float32", torch.float32), (True, "bfloat16", torch.bfloat16)):
+        monkeypatch.setattr(precision, "bf16_is_fast", lambda fast=fast: fast)
+        assert precision.resolve_dtype("auto") == expected
+        assert precision.resolve_dtype("float16") == "float16"  # an explicit dtype is never second-guessed
+        assert precision_args("auto")["bf16"] is (expected == "bfloat16")
+        model = load_causal_lm(folder, ModelOptions(dtype="auto", use_lora=False))
+        assert next(model.parameters()).dtype == weights

@@ -19,6 +19,7 @@ from rlhf.config import field
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json
 from rlhf.models.chatml import IM_END
+from rlhf.models.precision import resolve_dtype
 from rlhf.models.resolve import resolve_model
 
 
@@ -27,7 +28,7 @@ class ModelOptions:
     """How to load a trainable model. Stage configs inherit these keys (SFT, reward, PPO)."""
 
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
-        "float32", help="float32 | bfloat16 | float16 | auto (bf16 on GPUs)")
+        "float32", help="float32 | bfloat16 | float16 | auto (bf16 where the GPU or CPU has bf16 units, else f32)")
     load_in_4bit: bool = field(False, help="QLoRA: nf4 weights via bitsandbytes (works on CPU too, slowly)")
     trust_remote_code: bool = field(False, help="allow model code from the model folder (off: safer)")
     use_lora: bool = field(True, help="train LoRA adapters instead of all weights")
@@ -66,10 +67,8 @@ def _adapter_base(adapter_dir: Path) -> str:
 def _torch_dtype(name: str) -> Any:
     import torch
 
-    if name == "auto":
-        return "auto"
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[resolve_dtype(name)]
     except KeyError:
         raise UserError(f"dtype must be float32, bfloat16, float16 or auto; got {name!r}") from None
 
@@ -122,7 +121,7 @@ def _from_pretrained(cls: Any, name: str, opts: ModelOptions, **kw: Any) -> Any:
         import torch
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if opts.dtype == "bfloat16" else torch.float32
+        compute = torch.bfloat16 if resolve_dtype(opts.dtype) == "bfloat16" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
             bnb_4bit_use_double_quant=True)

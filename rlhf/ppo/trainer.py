@@ -30,6 +30,7 @@ from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
 from rlhf.errors import UserError
 from rlhf.generation import evaluate_model
 from rlhf.io import append_jsonl, atomic_write_json, write_metrics
+from rlhf.models.precision import resolve_dtype
 from rlhf.ppo import core
 from rlhf.ppo.checkpoint import Checkpoints, check_output_folders, save_outputs
 from rlhf.ppo.config import PPOConfig
@@ -54,7 +55,7 @@ class PPOTrainer:
         self.out = Path(cfg.output_dir)
         log_with = None if cfg.report_to in ("", "none") else cfg.report_to
         self.acc = Accelerator(log_with=log_with, project_dir=str(self.out),
-                               mixed_precision="bf16" if cfg.dtype == "bfloat16" else "no")
+                               mixed_precision="bf16" if resolve_dtype(cfg.dtype) == "bfloat16" else "no")
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         _check_batch(cfg, self.world)
         torch.manual_seed(cfg.seed)
