@@ -757,3 +757,32 @@ def test_llama_cpp_parity_smollm2(tmp_path: Path, one_torch_thread: None) -> Non
     m = res["metrics"]
     assert (m["architecture"], m["n_vocab"]) == ("llama", 49152)
     assert m["system"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.mark.slow
+def test_export_checks_the_gguf_answers_as_its_model(tiny_qwen: Path, tiny_llama: Path, tiny_stack: dict[str, str],
+                                                    tmp_path: Path, one_torch_thread: None,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from rlhf.export.verify import verify_gguf
+    from rlhf.io import read_jsonl
+
+    # the sharpened tiny model (clear margins: a near-flat one flips greedy tokens on any rounding)
+    m = _export(tiny_qwen, tmp_path / "qwen", outtype="f32", verify_data=tiny_stack["data"],
+                verify_prompts=12, verify_max_new_tokens=24)
+    check = m["gguf_check"]
+    assert check["prompts"] == 12 and check["tokenization_identical"] == 1.0
+    assert check["answers_identical"] == 1.0 and check["actions_identical"] == 1.0
+    assert "warning" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "qwen" / "metrics.json").read_text())["gguf_check"] == check
+    # the check can fail: another model's GGUF (same tokenizer) does not answer as this one
+    other = _export(tiny_llama, tmp_path / "llama", outtype="f32")
+    prompts = [r["prompt"] for r in read_jsonl(Path(tiny_stack["data"]) / "test.jsonl")[:12]]
+    wrong = verify_gguf(tmp_path / "qwen" / "hf", Path(other["gguf"]), prompts, max_new_tokens=24)
+    assert wrong["tokenization_identical"] == 1.0 and wrong["answers_identical"] < 0.5
+    assert wrong["first_difference"]["transformers"] != wrong["first_difference"]["llama_cpp"]
+
+
+def test_export_refuses_missing_verify_data_before_writing(tiny_qwen: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="data file not found"):
+        _export(tiny_qwen, tmp_path / "o", verify_data=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "o").exists()

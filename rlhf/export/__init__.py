@@ -38,6 +38,11 @@ class ExportConfig:
     top_k: int | None = field(None, help="PARAMETER top_k (0: off)", min=0)
     num_ctx: int | None = field(None, help="PARAMETER num_ctx (context window Ollama allocates)", min=1)
     repeat_penalty: float | None = field(None, help="PARAMETER repeat_penalty (1: off)", gt=0)
+    verify_data: str | None = field(None, help="held-out prompts (a data folder's test.jsonl, or a .jsonl) on which "
+                                               "llama.cpp's greedy answers from the GGUF are compared with the merged "
+                                               "model's; null skips the check")
+    verify_prompts: int = field(100, help="how many of those prompts to check", min=1)
+    verify_max_new_tokens: int = field(48, help="greedy answer length in the check", min=1)
     progress: bool = field(True, help="show progress bars")
     overwrite: bool = field(False, help="replace an hf/ folder in --output_dir that rlhf did not write (no "
                                         ".rlhf-owned in it): the files of your own there are lost")
@@ -50,6 +55,10 @@ class ExportConfig:
             from rlhf.export.modelfile import check_block
 
             check_block("SYSTEM", self.system, "--system")
+        if self.verify_data is not None:
+            from rlhf.data.schema import resolve_split
+
+            resolve_split(self.verify_data, "test")  # a missing file fails now, not after the conversion
 
 
 @dataclass
@@ -104,6 +113,25 @@ def _push_or_say(cfg: ExportConfig, name: str, m: _Merged, mf_path: Path,
     return pushed
 
 
+def _verify(cfg: ExportConfig, m: _Merged, seconds: dict[str, float]) -> dict[str, Any]:
+    """llama.cpp on the GGUF against transformers on hf/, greedy, on held-out prompts (rlhf.export.verify)."""
+    from rlhf.data.schema import PROMPT_COLUMNS, load_rows, resolve_split
+    from rlhf.export.verify import verify_gguf
+
+    t = time.perf_counter()
+    rows = load_rows(resolve_split(cfg.verify_data, "test"), PROMPT_COLUMNS)[: cfg.verify_prompts]
+    prompts = [r["prompt"] for r in rows]
+    check = verify_gguf(m.hf_dir, m.gguf_path, prompts, max_new_tokens=cfg.verify_max_new_tokens)
+    seconds["verify"] = round(time.perf_counter() - t, 2)
+    print(f"GGUF check on {check['prompts']} held-out prompts (llama.cpp vs transformers, greedy): "
+          f"answers identical {check['answers_identical']:.0%}, actions {check['actions_identical']:.0%}, "
+          f"prompt tokens {check['tokenization_identical']:.0%}")
+    if check["tokenization_identical"] < 1 or check["answers_identical"] < 0.95:
+        print(f"warning: the GGUF does not answer as the model it came from; first difference: "
+              f"{check['first_difference']}")
+    return check
+
+
 def run(cfg: ExportConfig) -> dict[str, Any]:
     from rlhf.export import gguf
 
@@ -123,6 +151,8 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
     conv = gguf.convert(m.hf_dir, m.gguf_path, cfg.outtype, name=name, progress=cfg.progress)
     seconds["convert"] = round(time.perf_counter() - t, 2)
 
+    check = _verify(cfg, m, seconds) if cfg.verify_data else None
+
     mf_path = out / "Modelfile"  # beside the GGUF, which it names by file name
     atomic_write_text(mf_path, m.mf_text)
     pushed = _push_or_say(cfg, name, m, mf_path, seconds)
@@ -135,6 +165,8 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
         "hf_dir": str(m.hf_dir), "modelfile": str(mf_path), "system": m.system, "parameters": m.params,
         "pushed": pushed is not None, "seconds": seconds,
     }
+    if check:
+        metrics["gguf_check"] = check
     if pushed:
         metrics.update(ollama_host=pushed["host"], digest=pushed["digest"], uploaded=pushed["uploaded"],
                        replaced=pushed["replaced"])
