@@ -31,6 +31,7 @@ from rlhf.errors import UserError
 from rlhf.generation import Generated, evaluate_model, judge_answers
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, load_causal_lm, load_tokenizer, stop_token_ids
+from rlhf.models.precision import DTYPE_HELP
 from rlhf.rewards.model import ModelReward
 from rlhf.training import quiet_transformers, seed_everything
 
@@ -55,7 +56,7 @@ class EvalConfig:
     normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
     n_samples: int = field(3, help="greedy sample answers kept per model in metrics.json", min=0)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
-        "float32", help="float32 | bfloat16 | float16 | auto (bf16 where the GPU or CPU has bf16 units, else f32)")
+        "float32", help=DTYPE_HELP)
     concurrency: int = field(4, help="concurrent Ollama requests per host", min=1)
     timeout: float = field(120.0, help="seconds per Ollama request", gt=0)
 

@@ -7,7 +7,7 @@ after) and `rlhf eval` all evaluate through `evaluate_model`, so "agreement" mea
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -129,13 +129,19 @@ def _sample(logits: torch.Tensor, temperature: float, warpers: list[Any], record
     return token
 
 
+def until_stop(row: list[int], stops: Collection[int]) -> tuple[list[int], bool]:
+    """A response row's ids before its first stop token, and whether it had one."""
+    cut = next((i for i, t in enumerate(row) if t in stops), None)
+    return (row, False) if cut is None else (row[:cut], True)
+
+
 def _decode(tok: Any, response: torch.Tensor, stops: list[int]) -> tuple[list[str], list[bool]]:
     """Each row's text, cut at its first stop token, and whether it had one."""
     texts, has_stop = [], []
     for row in response.tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), None)
-        has_stop.append(cut is not None)
-        texts.append(tok.decode(row[:cut] if cut is not None else row, skip_special_tokens=True))
+        ids, stopped = until_stop(row, stops)
+        has_stop.append(stopped)
+        texts.append(tok.decode(ids, skip_special_tokens=True))
     return texts, has_stop
 
 

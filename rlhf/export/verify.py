@@ -16,7 +16,7 @@ import torch
 
 from rlhf.chips.rule import judge
 from rlhf.errors import UserError
-from rlhf.generation import Messages, generate
+from rlhf.generation import Messages, generate, until_stop
 from rlhf.models import stop_token_ids
 from rlhf.models.tokens import chat_ids
 
@@ -27,23 +27,22 @@ def _llama(gguf_path: Path, context: int) -> Any:
     try:
         from llama_cpp import Llama
     except ImportError:
-        raise UserError("export: verify_prompts needs llama-cpp-python (`pip install llama-cpp-python`, "
-                        "or bash scripts/setup_env.sh); or set --verify_prompts 0") from None
+        raise UserError("export: --verify_data needs llama-cpp-python (`pip install llama-cpp-python`, "
+                        "or bash scripts/setup_env.sh); or leave --verify_data unset") from None
     threads = max(1, torch.get_num_threads())
     # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` of the last position zero
     return Llama(model_path=str(gguf_path), n_ctx=context, n_batch=context, logits_all=True, verbose=False, seed=0,
                  n_threads=threads, n_threads_batch=threads)
 
 
-def _hf_answers(model: Any, tok: Any, prompts: list[Messages], max_new_tokens: int) -> list[list[int]]:
+def _hf_answers(model: Any, tok: Any, prompts: list[Messages], prompt_ids: list[list[int]], stops: set[int],
+                max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy answer token ids, cut before the stop token."""
-    stops = set(stop_token_ids(tok))
     answers: list[list[int]] = []
     for i in range(0, len(prompts), BATCH):
-        out = generate(model, tok, prompts[i:i + BATCH], max_new_tokens=max_new_tokens, do_sample=False)
-        for row in out.response.tolist():
-            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-            answers.append(row[:cut])
+        out = generate(model, tok, prompts[i:i + BATCH], prompt_ids=prompt_ids[i:i + BATCH],
+                       max_new_tokens=max_new_tokens, do_sample=False)
+        answers += [until_stop(row, stops)[0] for row in out.response.tolist()]
     return answers
 
 
@@ -69,25 +68,27 @@ def verify_gguf(hf_dir: Path, gguf_path: Path, prompts: list[Messages], *, max_n
     from rlhf.models import ModelOptions, load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(hf_dir))
-    model = load_causal_lm(str(hf_dir), ModelOptions(dtype="float32", use_lora=False)).eval()
-    hf = _hf_answers(model, tok, prompts, max_new_tokens)
-    del model
-    hf_ids = [chat_ids(tok, p, add_generation_prompt=True) for p in prompts]
-    llm = _llama(gguf_path, context=max(map(len, hf_ids)) + max_new_tokens + 8)
     stops = set(stop_token_ids(tok))
+    hf_ids = [chat_ids(tok, p, add_generation_prompt=True) for p in prompts]
+    model = load_causal_lm(str(hf_dir), ModelOptions(dtype="float32", use_lora=False)).eval()
+    hf = _hf_answers(model, tok, prompts, hf_ids, stops, max_new_tokens)
+    del model
+    llm = _llama(gguf_path, context=max(map(len, hf_ids)) + max_new_tokens + 8)
     same_tokens = same_answer = same_action = 0
     first_difference: dict[str, str] | None = None
-    for prompt, ids, hf_answer in zip(prompts, hf_ids, hf):
-        text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        same_tokens += llm.tokenize(text.encode(), add_bos=True, special=True) == ids
-        cpp_answer = _cpp_answer(llm, ids, max_new_tokens, stops)
-        same_answer += cpp_answer == hf_answer
-        hf_text, cpp_text = tok.decode(hf_answer), tok.decode(cpp_answer)
-        content = prompt[-1]["content"]
-        same_action += judge(content, hf_text)[2] == judge(content, cpp_text)[2]
-        if cpp_answer != hf_answer and first_difference is None:
-            first_difference = {"prompt": content, "transformers": hf_text, "llama_cpp": cpp_text}
-    llm.close()
+    try:
+        for prompt, ids, hf_answer in zip(prompts, hf_ids, hf):
+            text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            same_tokens += llm.tokenize(text.encode(), add_bos=True, special=True) == ids
+            cpp_answer = _cpp_answer(llm, ids, max_new_tokens, stops)
+            same_answer += cpp_answer == hf_answer
+            hf_text, cpp_text = tok.decode(hf_answer), tok.decode(cpp_answer)
+            content = prompt[-1]["content"]
+            same_action += judge(content, hf_text)[2] == judge(content, cpp_text)[2]
+            if cpp_answer != hf_answer and first_difference is None:
+                first_difference = {"prompt": content, "transformers": hf_text, "llama_cpp": cpp_text}
+    finally:
+        llm.close()
     n = len(prompts)
     return {"prompts": n, "tokenization_identical": same_tokens / n, "answers_identical": same_answer / n,
             "actions_identical": same_action / n, "max_new_tokens": max_new_tokens,

@@ -19,7 +19,7 @@ from rlhf.config import field
 from rlhf.errors import UserError
 from rlhf.io import atomic_write_json
 from rlhf.models.chatml import IM_END
-from rlhf.models.precision import resolve_dtype
+from rlhf.models.precision import DTYPE_HELP, resolve_dtype
 from rlhf.models.resolve import resolve_model
 
 
@@ -28,7 +28,7 @@ class ModelOptions:
     """How to load a trainable model. Stage configs inherit these keys (SFT, reward, PPO)."""
 
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(
-        "float32", help="float32 | bfloat16 | float16 | auto (bf16 where the GPU or CPU has bf16 units, else f32)")
+        "float32", help=DTYPE_HELP)
     load_in_4bit: bool = field(False, help="QLoRA: nf4 weights via bitsandbytes (works on CPU too, slowly)")
     trust_remote_code: bool = field(False, help="allow model code from the model folder (off: safer)")
     use_lora: bool = field(True, help="train LoRA adapters instead of all weights")

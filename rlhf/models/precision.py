@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
+DTYPE_HELP = "float32 | bfloat16 | float16 | auto (bf16 where the GPU or CPU has bf16 units, else f32)"
 _CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
