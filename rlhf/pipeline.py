@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import importlib.util
 import json
 import re
 import time
@@ -138,7 +139,7 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         "reward": {"model": start, "data": data},
         "ppo": {"model": start, "reward_model": reward, "data": data},
         "eval": {"models": models, "data": data, "reference": start, "reward_model": reward},
-        "export": {"model": policy, "name": _ollama_name(cfg.name)},
+        "export": {"model": policy, "name": _ollama_name(cfg.name), **_gguf_check(data)},
     }
     stages: list[Stage] = []
     chain = f"v{HASH_VERSION}"
@@ -167,6 +168,14 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
         chain = _hash(chain, name, _portable(dataclasses.asdict(stage_cfg), root))
         stages.append(Stage(name, cli_name, root / folder, stage_cfg, fn, chain))
     return stages
+
+
+def _gguf_check(data: str) -> dict[str, str]:
+    """Export checks its GGUF in llama.cpp on the held-out chips wherever llama-cpp-python is installed
+    (the dev extra); a base install exports unchecked. `verify_data: null` in the section turns it off."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return {}
+    return {"verify_data": data}
 
 
 def _ollama_name(name: str) -> str:

@@ -271,11 +271,19 @@ def _samples(run: _Run) -> list[str]:
     return lines
 
 
+def _gguf_check_line(check: dict[str, Any] | None) -> str:
+    if not check:
+        return "Not checked in llama.cpp (install llama-cpp-python, the dev extra, to check the GGUF's answers)."
+    return (f"llama.cpp vs transformers, greedy, on {check['prompts']} held-out prompts: prompt tokens identical "
+            f"{check['tokenization_identical']:.0%}, answers identical {check['answers_identical']:.0%}, "
+            f"same action {check['actions_identical']:.0%}.")
+
+
 def _export(run: _Run) -> list[str]:
     def body(e: dict[str, Any]) -> list[str]:
         return [f"GGUF `{e.get('gguf')}` ({_fmt(e.get('outtype'))}, {_fmt(e.get('gguf_bytes'))} bytes), "
                 f"Modelfile `{e.get('modelfile')}`; pushed to Ollama: {_fmt(e.get('pushed'))}.", "",
                 f"Bring it into Ollama: `ollama create {e.get('name')} -f {e.get('modelfile')}` then "
-                f"`ollama run {e.get('name')}`."]
+                f"`ollama run {e.get('name')}`.", "", _gguf_check_line(e.get("gguf_check"))]
 
     return ["## Export", "", *_ladder(run, "export", body, "Disabled in the config."), ""]

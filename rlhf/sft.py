@@ -12,12 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.chips.advice import AdviceParseError, parse_advice
 from rlhf.config import SEED, field
 from rlhf.data.schema import SFT_COLUMNS, load_rows, model_context, resolve_split
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer, make_adapter_relocatable
 from rlhf.models.chatml import IM_END
-from rlhf.training import GRADIENT_CHECKPOINTING_HELP, precision_args, quiet_transformers, seed_everything, world_info
+from rlhf.training import (
+    GRADIENT_CHECKPOINTING_HELP,
+    balanced_trainer,
+    precision_args,
+    quiet_transformers,
+    seed_everything,
+    world_info,
+)
 
 
 @dataclass
@@ -37,6 +45,9 @@ class SFTStageConfig(ModelOptions):
     max_new_tokens: int = field(48, help="answer length budget during evaluation", min=1)
     logging_steps: int = field(10, help="log every N steps", min=1)
     gradient_checkpointing: bool = field(False, help=GRADIENT_CHECKPOINTING_HELP)
+    balance_actions: bool = field(False, help="batches that hold each answer's action equally (use a batch size "
+                                  "that is a multiple of 3): a pretrained model then learns the rule, not the "
+                                  "batch's mix (SmolLM2: 0.65 vs 0.35 action accuracy after 80 steps)")
 
 
 def run(cfg: SFTStageConfig) -> dict[str, Any]:
@@ -62,7 +73,8 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
         gradient_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=0, eos_token=IM_END if IM_END in tok.get_vocab() else None,
         disable_tqdm=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok)
+    trainer_cls = balanced_trainer(SFTTrainer, _actions(rows), cfg.seed) if cfg.balance_actions else SFTTrainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok)
     result = trainer.train()
     train_seconds = time.time() - start
     world = world_info()
@@ -84,6 +96,17 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
         print(f"SFT done: loss {metrics['train_loss']:.3f}, agreement {metrics.get('agreement_greedy', nan):.3f}, "
               f"json {metrics.get('json_valid_greedy', nan):.3f} -> {out}")
     return metrics
+
+
+def _actions(rows: list[dict[str, Any]]) -> list[str | None]:
+    """Each row's answer action (None where the answer is not advice: a group of its own)."""
+    out: list[str | None] = []
+    for r in rows:
+        try:
+            out.append(parse_advice(r["completion"][-1]["content"]).action)
+        except AdviceParseError:
+            out.append(None)
+    return out
 
 
 def _evaluate(model: Any, tok: Any, cfg: SFTStageConfig) -> dict[str, Any]:

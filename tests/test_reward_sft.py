@@ -34,6 +34,56 @@ def test_sft_stage_outputs(tiny_stack: dict[str, str]) -> None:
     assert (sft / "model.safetensors").is_file() and (sft / "tokenizer.json").is_file()
 
 
+def test_balanced_sampler_takes_turns_and_reshuffles_each_epoch() -> None:
+    from rlhf.training import BalancedSampler
+
+    groups = ["a"] * 4 + ["b"] * 4 + ["c"] * 5
+    sampler = BalancedSampler(groups, seed=0)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == list(range(len(groups))) == sorted(second)  # every row once per epoch
+    for order in (first, second):
+        for i in range(0, 12, 3):
+            assert sorted(groups[j] for j in order[i:i + 3]) == ["a", "b", "c"]
+    assert first != second  # a new order each epoch
+    assert list(BalancedSampler(groups, seed=0)) == first  # the same seed, the same order
+
+
+def test_sft_balance_actions_gives_each_batch_every_action(tiny_stack: dict[str, str], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from trl import SFTTrainer
+
+    from rlhf.chips.advice import parse_advice
+    from rlhf.models import load_tokenizer
+    from rlhf.sft import SFTStageConfig
+    from rlhf.sft import run as run_sft
+
+    tok = load_tokenizer(tiny_stack["base"])
+    seen: list[list[str]] = []
+    original = SFTTrainer.compute_loss
+
+    def record(self, model, inputs, *args, **kwargs):  # the actions of each batch the trainer learns from
+        actions = []
+        for ids, labels in zip(inputs["input_ids"], inputs["labels"]):
+            answer = tok.decode(ids[labels != -100], skip_special_tokens=True)
+            actions.append(parse_advice(answer).action)
+        seen.append(sorted(actions))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", record)
+
+    def batches(balance: bool) -> list[list[str]]:
+        seen.clear()
+        run_sft(build(SFTStageConfig, {"model": tiny_stack["base"], "data": tiny_stack["data"], "use_lora": False,
+                                       "output_dir": str(tmp_path / str(balance)), "max_steps": 6,
+                                       "per_device_train_batch_size": 6, "eval_prompts": 0, "logging_steps": 100,
+                                       "balance_actions": balance}, "test"))
+        return list(seen)
+
+    each_twice = sorted(["increase", "decrease", "no_change"] * 2)
+    assert batches(True) == [each_twice] * 6
+    assert batches(False) != [each_twice] * 6  # random batches: the mix varies
+
+
 def test_reward_stage_metrics_and_normalization(tiny_stack: dict[str, str]) -> None:
     out = Path(tiny_stack["reward"])
     m = json.loads((out / "metrics.json").read_text())
