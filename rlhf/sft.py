@@ -8,16 +8,21 @@ The saved folder (full weights, or a LoRA adapter on its base) is what the next 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.chips.advice import AdviceParseError, parse_advice
+import torch
+
+from rlhf.chips.advice import AdviceParseError, action_token_index, parse_advice
 from rlhf.config import SEED, field
 from rlhf.data.schema import SFT_COLUMNS, load_rows, model_context, resolve_split
+from rlhf.errors import UserError
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer, make_adapter_relocatable
 from rlhf.models.chatml import IM_END
+from rlhf.models.load import train_last_layers
 from rlhf.training import (
     GRADIENT_CHECKPOINTING_HELP,
     balanced_trainer,
@@ -45,9 +50,19 @@ class SFTStageConfig(ModelOptions):
     max_new_tokens: int = field(48, help="answer length budget during evaluation", min=1)
     logging_steps: int = field(10, help="log every N steps", min=1)
     gradient_checkpointing: bool = field(False, help=GRADIENT_CHECKPOINTING_HELP)
+    train_layers: int = field(0, min=0, help="with use_lora false: train only the last N transformer layers and the "
+                              "final norm (0: all weights); SmolLM2, last 10 of 30: 2.9 s per step of 8, all: 7.7 s")
+    action_loss_weight: float = field(1.0, help="loss weight of the one answer token that picks the action (the "
+                                      "rest is format, learned in ~30 steps); SmolLM2, balanced batches: 10 "
+                                      "reached 0.65 action accuracy at step 80", gt=0)
     balance_actions: bool = field(False, help="batches that hold each answer's action equally (use a batch size "
                                   "that is a multiple of 3): a pretrained model then learns the rule, not the "
                                   "batch's mix (SmolLM2: 0.65 vs 0.35 action accuracy after 80 steps)")
+
+    def validate(self) -> None:
+        if self.train_layers and self.use_lora:
+            raise UserError("sft: train_layers is for full fine-tuning; set use_lora false, or use lora_layers "
+                            "for adapters on the last layers")
 
 
 def run(cfg: SFTStageConfig) -> dict[str, Any]:
@@ -64,6 +79,8 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
     train = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     if cfg.use_lora:
         model = add_lora(model, cfg)
+    elif cfg.train_layers:
+        train_last_layers(model, cfg.train_layers)
     args = SFTConfig(
         output_dir=cfg.output_dir, seed=cfg.seed, data_seed=cfg.seed, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, lr_scheduler_type="linear",
@@ -73,7 +90,11 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
         gradient_checkpointing=cfg.gradient_checkpointing,
         dataloader_num_workers=0, eos_token=IM_END if IM_END in tok.get_vocab() else None,
         disable_tqdm=False)
-    trainer_cls = balanced_trainer(SFTTrainer, _actions(rows), cfg.seed) if cfg.balance_actions else SFTTrainer
+    trainer_cls = SFTTrainer
+    if cfg.action_loss_weight != 1.0:
+        trainer_cls = action_weighted_trainer(trainer_cls, tok, cfg.action_loss_weight)
+    if cfg.balance_actions:
+        trainer_cls = balanced_trainer(trainer_cls, _actions(rows), cfg.seed)
     trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok)
     result = trainer.train()
     train_seconds = time.time() - start
@@ -96,6 +117,44 @@ def run(cfg: SFTStageConfig) -> dict[str, Any]:
         print(f"SFT done: loss {metrics['train_loss']:.3f}, agreement {metrics.get('agreement_greedy', nan):.3f}, "
               f"json {metrics.get('json_valid_greedy', nan):.3f} -> {out}")
     return metrics
+
+
+def action_weights(labels: torch.Tensor, piece: Callable[[int], str], weight: float) -> torch.Tensor:
+    """Per-token loss weights [B, T] for `labels` (-100 outside the answer): 1 on answer tokens,
+    `weight` on the token where the action word begins, 0 elsewhere."""
+    weights = (labels != -100).float()
+    for row in range(labels.shape[0]):
+        where = torch.nonzero(labels[row] != -100).flatten()
+        at = action_token_index([piece(int(t)) for t in labels[row, where]]) if len(where) else None
+        if at is not None:
+            weights[row, where[at]] = weight
+    return weights
+
+
+def action_weighted_trainer(trainer_cls: type, tok: Any, weight: float) -> type:
+    """`trainer_cls` (TRL's SFTTrainer) whose token loss weighs the action token by `weight`."""
+    pieces: dict[int, str] = {}
+
+    def piece(token: int) -> str:
+        if token not in pieces:
+            pieces[token] = tok.decode([token])
+        return pieces[token]
+
+    class ActionWeighted(trainer_cls):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            labels = inputs["labels"][:, 1:]  # the token each position predicts
+            out = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+            logits = out.logits[:, :-1].float()
+            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0),
+                                                          reduction="none")
+            count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            loss = (per_token * action_weights(labels, piece, weight)).sum() / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # as TRL: DDP averages the gradients
+            return (loss, out) if return_outputs else loss
+
+    return ActionWeighted
 
 
 def _actions(rows: list[dict[str, Any]]) -> list[str | None]:

