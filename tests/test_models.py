@@ -193,6 +193,9 @@ def test_smollm2_short_name_converts_once_and_loads() -> None:
     tok = load_tokenizer("smollm2-135m")
     assert "<|im_end|>" in tok.get_vocab()
     assert tok.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tok)
+    pre = json.loads(tok.backend_tokenizer.to_str())["pre_tokenizer"]  # its GGUF's `smollm`: digits split first
+    assert [p["type"] for p in pre["pretokenizers"]] == ["Digits", "ByteLevel"]
+    assert tok.tokenize("[57, 100]") == ["[", "5", "7", ",", "Ġ", "1", "0", "0", "]"]
     model = load_causal_lm("smollm2-135m")
     assert model.config.model_type == "llama"
 

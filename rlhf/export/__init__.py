@@ -55,10 +55,6 @@ class ExportConfig:
             from rlhf.export.modelfile import check_block
 
             check_block("SYSTEM", self.system, "--system")
-        if self.verify_data is not None:
-            from rlhf.data.schema import resolve_split
-
-            resolve_split(self.verify_data, "test")  # a missing file fails now, not after the conversion
 
 
 @dataclass
@@ -137,6 +133,10 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     cfg.validate()
+    if cfg.verify_data is not None:  # a missing file fails now, not after the conversion (not in validate:
+        from rlhf.data.schema import resolve_split  # the pipeline validates before its data stage writes it)
+
+        resolve_split(cfg.verify_data, "test")
     name = cfg.name or default_name(cfg.model)
     out = Path(cfg.output_dir)
     check_removable(out / "hf", force=cfg.overwrite)  # before the slow part, not after it

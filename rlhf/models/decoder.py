@@ -123,7 +123,15 @@ def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     else:
         hidden = decoder_backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids_of(attention_mask)).last_hidden_state[:, -keep:]
-    return unwrap(model).score(hidden)
+    head = unwrap(model).score
+    # the head is trained in f32 over a bf16 backbone ("trained weights stay f32"); outside autocast
+    # (the reward stage's held-out scoring) the hidden states must meet it in its dtype. Under LoRA the
+    # head is peft's copy (modules_to_save), beside the frozen original.
+    name = getattr(head, "active_adapter", None)
+    name = name[0] if isinstance(name, (list, tuple)) and name else name
+    copies = getattr(head, "modules_to_save", None)
+    active = copies[name] if copies is not None and isinstance(name, str) and name in copies else head
+    return head(hidden.to(active.weight.dtype))
 
 
 def key_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> KeyValues:

