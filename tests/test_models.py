@@ -227,3 +227,16 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch: 
         assert precision_args("auto")["bf16"] is (expected == "bfloat16")
         model = load_causal_lm(folder, ModelOptions(dtype="auto", use_lora=False))
         assert next(model.parameters()).dtype == weights
+
+
+def test_score_head_trained_in_f32_reads_a_bf16_backbone_outside_autocast(tiny: Path) -> None:
+    from rlhf.models import load_value_model
+    from rlhf.models.decoder import head_outputs
+
+    opts = ModelOptions(dtype="bfloat16", use_lora=True, lora_layers=1)
+    model = add_lora(load_value_model(str(tiny), opts), opts, task_type="SEQ_CLS")  # LoRA and head copy in f32
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = head_outputs(model, ids, torch.ones_like(ids), 1)  # as the reward stage scores its held-out pairs
+    assert out.shape == (1, 1, 1) and out.dtype == torch.float32
+    with model.disable_adapter():  # the frozen bf16 original head
+        assert head_outputs(model, ids, torch.ones_like(ids), 1).dtype == torch.bfloat16

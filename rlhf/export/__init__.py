@@ -133,9 +133,11 @@ def run(cfg: ExportConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     cfg.validate()
-    if cfg.verify_data is not None:  # a missing file fails now, not after the conversion (not in validate:
-        from rlhf.data.schema import resolve_split  # the pipeline validates before its data stage writes it)
+    if cfg.verify_data is not None:
+        from rlhf.data.schema import resolve_split
 
+        # a missing file fails now, not after the conversion; here, not in validate, which the
+        # pipeline calls before its data stage has written the file
         resolve_split(cfg.verify_data, "test")
     name = cfg.name or default_name(cfg.model)
     out = Path(cfg.output_dir)

@@ -125,18 +125,10 @@ def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                                          position_ids=position_ids_of(attention_mask)).last_hidden_state[:, -keep:]
     head = unwrap(model).score
     # the head is trained in f32 over a bf16 backbone ("trained weights stay f32"); outside autocast
-    # (the reward stage's held-out scoring) the hidden states must meet it in its dtype
-    return head(hidden.to(_head_dtype(head)))
-
-
-def _head_dtype(head: nn.Module) -> torch.dtype:
-    """The dtype of the head that runs: under LoRA, peft's trained copy (modules_to_save), not the
-    frozen original beside it."""
-    name = getattr(head, "active_adapter", None)
-    name = name[0] if isinstance(name, (list, tuple)) and name else name
-    copies = getattr(head, "modules_to_save", None)
-    active = copies[name] if copies is not None and isinstance(name, str) and name in copies else head
-    return active.weight.dtype
+    # (the reward stage's held-out scoring) the hidden states must meet it in its dtype. Under LoRA,
+    # peft's wrapper answers `weight` with the copy that runs (its trained one, or the original when
+    # adapters are disabled)
+    return head(hidden.to(head.weight.dtype))
 
 
 def key_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> KeyValues:
