@@ -7,10 +7,12 @@ import torch
 
 from rlhf.models.decoder import (
     causal_logits,
+    frozen_depth,
     head_outputs,
     next_token_logits,
     position_ids_of,
     supports_lean,
+    trunk_states,
 )
 
 SIZES = {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -97,6 +99,48 @@ def test_lora_model_and_its_disabled_adapter() -> None:
         without = causal_logits(model, ids, att, 3)
         torch.testing.assert_close(without, _full_logits(model, ids, att)[:, -3:], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(with_adapter, without, atol=1e-3)
+
+
+def test_the_frozen_trunk_then_the_adapted_layers_equal_the_whole_forward() -> None:
+    """LoRA on the top layer only: the bottom layer's output, computed once, feeds the policy (logits
+    and gradients as the whole forward's), its reference (adapters off) and the value head."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"], init_lora_weights=False, layers_to_transform=[1])
+    ids, att = _batch()
+    weights = torch.randn(3, 4, SIZES["vocab_size"], generator=torch.Generator().manual_seed(2))
+    logits, grads = [], []
+    for use_trunk in (False, True):
+        model = get_peft_model(_model("Qwen2", "CausalLM"), lora).train()
+        assert frozen_depth(model) == 1
+        trunk = trunk_states(model, ids, att, 1) if use_trunk else None
+        out = causal_logits(model, ids, att, 4, trunk=trunk)
+        (out * weights).sum().backward()
+        logits.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        with model.disable_adapter():
+            logits.append(causal_logits(model, ids, att, 4, trunk=trunk).detach())
+    torch.testing.assert_close(logits[2], logits[0], atol=1e-5, rtol=1e-5)  # the policy
+    torch.testing.assert_close(logits[3], logits[1], atol=1e-5, rtol=1e-5)  # its reference
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+    assert grads[0] and set(grads[0]) == set(grads[1])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    classifier = get_peft_model(_model("Qwen2", "SequenceClassification"), lora)
+    torch.testing.assert_close(head_outputs(classifier, ids, att, 4, trunk=trunk_states(classifier, ids, att, 1)),
+                               head_outputs(classifier, ids, att, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_depth_counts_the_layers_below_any_training() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    assert frozen_depth(_model("Qwen2", "CausalLM")) == 0  # every weight trains
+    everywhere = get_peft_model(_model("Qwen2", "CausalLM"), LoraConfig(r=4, target_modules="all-linear"))
+    assert frozen_depth(everywhere) == 0
+    top = _model("Qwen2", "CausalLM").requires_grad_(False)
+    top.model.layers[1].mlp.requires_grad_(True)  # full fine-tuning of the top layer's MLP
+    assert frozen_depth(top) == 1
 
 
 @pytest.mark.parametrize("arch", ["Qwen2", "GPT2"])

@@ -201,9 +201,9 @@ def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, 
     calls = {"n": 0}
     policy_logits = PolicyAndValue.policy_logits
 
-    def counted(self: PolicyAndValue, *a: Any) -> torch.Tensor:
+    def counted(self: PolicyAndValue, *a: Any, **kw: Any) -> torch.Tensor:
         calls["n"] += 1
-        return policy_logits(self, *a)
+        return policy_logits(self, *a, **kw)
 
     monkeypatch.setattr(PolicyAndValue, "policy_logits", counted)
     args = {"use_lora": True, "lora_r": 4, "total_episodes": 16, "eval_prompts": 0, "kl_estimator": "k3",
@@ -253,9 +253,10 @@ def test_one_minibatch_reuses_the_rollout_forward(tiny_stack: dict[str, str], tm
     for name, key in (("policy_logits", "policy"), ("values", "value")):
         original = getattr(PolicyAndValue, name)
 
-        def counted(self: PolicyAndValue, *a: Any, _original: Any = original, _key: str = key) -> torch.Tensor:
+        def counted(self: PolicyAndValue, *a: Any, _original: Any = original, _key: str = key,
+                    **kw: Any) -> torch.Tensor:
             calls[_key] += 1
-            return _original(self, *a)
+            return _original(self, *a, **kw)
 
         monkeypatch.setattr(PolicyAndValue, name, counted)
     args = ppo_args(tiny_stack, tmp_path / "reuse", total_episodes=16, eval_prompts=0)
@@ -295,6 +296,48 @@ def test_prompts_read_while_sampling(tiny_stack: dict[str, str], tmp_path: Path,
     _run_without("split_prompt", monkeypatch, build(PPOConfig, {**args, "output_dir": str(tmp_path / "b")}, "t"))
     assert states["n"] == 4
     _same_updates(tmp_path / "split", tmp_path / "b")
+
+
+def test_frozen_trunk_runs_once_per_rollout_and_gives_the_same_updates(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adapters on the top layer only: the bottom layer's output is the same for the policy, its
+    reference and each PPO epoch, so it runs once per rollout and model. Same updates as running
+    every layer each time, within rounding."""
+    from rlhf.data.preference import PreferenceConfig
+    from rlhf.data.preference import run as run_data
+    from rlhf.models.decoder import decoder_backbone
+    from rlhf.models.tiny import build_tiny_model
+    from rlhf.ppo.trainer import PPOTrainer
+
+    base = build_tiny_model(tmp_path / "base", seed=0, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                            intermediate_size=64)
+    data = tmp_path / "data"
+    run_data(build(PreferenceConfig, {"teacher": "rule", "n": 40, "seed": 0, "output_dir": str(data), "sft_n": 8},
+                   "test"))
+    bottom_runs = {"n": 0}
+    init = PPOTrainer.__init__
+
+    def counting(self: PPOTrainer, cfg: PPOConfig) -> None:
+        init(self, cfg)
+        assert self.collect.policy_depth == (1 if cfg.cache_trunk else 0)
+        for model in (self.inner.policy, self.inner.value):
+            decoder_backbone(model).layers[0].mlp.register_forward_hook(
+                lambda *_: bottom_runs.__setitem__("n", bottom_runs["n"] + 1))
+
+    monkeypatch.setattr(PPOTrainer, "__init__", counting)
+    args = {"model": str(base), "value_model": str(base), "reward_model": "", "rewards": {"rule": 1.0},
+            "data": str(data), "use_lora": True, "value_use_lora": True, "lora_layers": 1, "lora_r": 4,
+            "total_episodes": 16, "batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 2,
+            "response_length": 12, "eval_prompts": 0, "save_every": 0, "report_to": "none", "sample_every": 0,
+            "learning_rate": 3e-3, "seed": 3, "parallel_value": False}
+    run(build(PPOConfig, {**args, "output_dir": str(tmp_path / "trunk")}, "t"))
+    cached = bottom_runs["n"]
+    bottom_runs["n"] = 0
+    run(build(PPOConfig, {**args, "output_dir": str(tmp_path / "plain"), "cache_trunk": False}, "t"))
+    # per update, besides sampling (the same in both): without the trunks the policy, the reference and
+    # the value model after sampling, then 2 epochs x 2 minibatches x 2 models; with them 2 passes
+    assert bottom_runs["n"] - cached == 2 * (3 + 8 - 2)
+    _same_updates(tmp_path / "trunk", tmp_path / "plain")
 
 
 def test_sampling_ignores_the_models_generation_config(tiny_stack: dict[str, str]) -> None:

@@ -27,6 +27,8 @@ from torch import nn
 
 SUPPORTED_LAYERS = {"Qwen2DecoderLayer", "LlamaDecoderLayer"}
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]
+# (d, h): the hidden states [B, S, D] entering layer d, at every position of the inputs
+Trunk = tuple[int, torch.Tensor]
 
 
 def decoder_backbone(model: nn.Module) -> nn.Module:
@@ -60,20 +62,24 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
-                   past: KeyValues | None = None, return_key_values: bool = False
+                   past: KeyValues | None = None, return_key_values: bool = False,
+                   trunk: Trunk | None = None, stop_layer: int | None = None
                    ) -> tuple[torch.Tensor, KeyValues | None]:
     """Final hidden states [B, keep, D] at the last `keep` positions of `input_ids` (left-padded),
     for a model where supports_lean() holds.
 
     past: keys and values per layer of earlier tokens (from return_key_values); `attention_mask`
     then covers the earlier tokens and the new ones, [B, P + T]. return_key_values: also the keys
-    and values per layer over past and new tokens (for sampling one token at a time)."""
+    and values per layer over past and new tokens (for sampling one token at a time).
+    trunk: (d, h), the hidden states [B, S, D] entering layer d at every position (from stop_layer=d):
+    the layers below d are not run. stop_layer: return the hidden states entering that layer, at
+    every position and before the final norm, instead of the final ones."""
     backbone = decoder_backbone(model)
     layers = backbone.layers
     batch, seq = input_ids.shape
     n_past = past[0][0].shape[2] if past else 0
     keep = min(keep, seq)
-    h = backbone.embed_tokens(input_ids)
+    first, h = trunk if trunk is not None else (0, backbone.embed_tokens(input_ids))
     cos, sin = backbone.rotary_emb(h, position_ids_of(attention_mask)[:, n_past:])
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     # causal over absolute positions, no attention to padding (a padding query, which sees nothing,
@@ -84,6 +90,10 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     rotate_half = sys.modules[type(layers[0].self_attn).__module__].rotate_half
     key_values: KeyValues = []
     for i, layer in enumerate(layers):
+        if i < first:
+            continue
+        if i == stop_layer:
+            return h, None
         attn = layer.self_attn
         n = keep if i == len(layers) - 1 else seq  # the last layer only where it is read
         x = layer.input_layernorm(h)
@@ -103,23 +113,46 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return backbone.norm(h), key_values if return_key_values else None
 
 
+def frozen_depth(model: nn.Module) -> int:
+    """How many layers from the bottom nothing trains or adapts (no trainable weight, no LoRA
+    adapter, embeddings frozen): their output is the same for the policy, its reference (adapters
+    off) and every PPO epoch, so it can be computed once per batch (0: none, or not a lean model)."""
+    if not supports_lean(model):
+        return 0
+    backbone = decoder_backbone(model)
+    if any(p.requires_grad for p in backbone.embed_tokens.parameters()):
+        return 0
+    for i, layer in enumerate(backbone.layers):
+        adapted = any("lora_" in name for name, _ in layer.named_modules())
+        if adapted or any(p.requires_grad for p in layer.parameters()):
+            return i
+    return len(backbone.layers)
+
+
+def trunk_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> Trunk:
+    """The trunk of left-padded inputs: the hidden states entering layer `depth` (see decoder_hidden)."""
+    return depth, decoder_hidden(model, input_ids, attention_mask, input_ids.shape[1], stop_layer=depth)[0]
+
+
 def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
-                  past: KeyValues | None = None) -> torch.Tensor:
+                  past: KeyValues | None = None, trunk: Trunk | None = None) -> torch.Tensor:
     """A causal LM's logits [B, keep, V] at the last `keep` positions of left-padded inputs.
-    past: the keys and values of the tokens before `input_ids` (see decoder_hidden)."""
-    if past is not None or supports_lean(model):
-        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past)[0]
+    past: the keys and values of the tokens before `input_ids`; trunk: the states of its frozen
+    layers (see decoder_hidden)."""
+    if past is not None or trunk is not None or supports_lean(model):
+        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk)[0]
         return unwrap(model).get_output_embeddings()(hidden)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
                  logits_to_keep=keep).logits[:, -keep:]
 
 
 def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
-                 past: KeyValues | None = None) -> torch.Tensor:
+                 past: KeyValues | None = None, trunk: Trunk | None = None) -> torch.Tensor:
     """A sequence classifier's head (`score`) applied at each of the last `keep` positions of
-    left-padded inputs: [B, keep, labels]. keep=1 is the classifier's own reading of a sequence."""
-    if past is not None or supports_lean(model):
-        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past)[0]
+    left-padded inputs: [B, keep, labels]. keep=1 is the classifier's own reading of a sequence.
+    past, trunk: as for causal_logits."""
+    if past is not None or trunk is not None or supports_lean(model):
+        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk)[0]
     else:
         hidden = decoder_backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids_of(attention_mask)).last_hidden_state[:, -keep:]

@@ -107,6 +107,8 @@ class PPOConfig(ModelOptions):
     parallel_value: bool = field(True, help="the value model's forward/backward (and the scoring) on a second thread "
                                             "beside the policy's, each with half the torch threads, where it pays: "
                                             "one process, a CPU, a policy under 50M parameters. Same math")
+    cache_trunk: bool = field(True, help="run the frozen layers below the adapters once per rollout: the policy, "
+                              "the reference and every PPO epoch start from their output (same math)")
     gc_freeze: bool = field(True, help="gc.freeze() after loading: cyclic GC over model objects costs seconds")
 
     def training_settings(self) -> dict[str, Any]:

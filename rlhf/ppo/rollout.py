@@ -19,7 +19,7 @@ import torch
 
 from rlhf.chips import action_token_index, judge
 from rlhf.generation import Generated, generate
-from rlhf.models.decoder import KeyValues, key_values, supports_lean
+from rlhf.models.decoder import KeyValues, Trunk, frozen_depth, key_values, supports_lean, trunk_states
 from rlhf.models.tokens import chat_ids, left_pad
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
@@ -70,6 +70,8 @@ class Minibatch:
     advantages: torch.Tensor
     returns: torch.Tensor
     n_resp: int
+    policy_trunk: Trunk | None = None
+    value_trunk: Trunk | None = None
 
 
 @dataclass
@@ -102,6 +104,10 @@ class Rollout:
     # With one minibatch, the rollout's policy log-probs and values [B, T], still attached to their
     # autograd graphs: the first PPO step's forwards (its weights and rows are the rollout's). Else None.
     graphs: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The output of each model's frozen bottom layers [B, P+T, D] (cache_trunk), else None: the
+    # update's forwards run only the layers above it.
+    policy_trunk: Trunk | None = None
+    value_trunk: Trunk | None = None
 
     def take_graphs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The graphs, once: the first step frees them by backpropagating through them."""
@@ -110,17 +116,24 @@ class Rollout:
 
     def rows(self, idx: torch.Tensor) -> Minibatch:
         return Minibatch(self.ids[idx], self.att[idx], self.response[idx], self.mask[idx], self.logp[idx],
-                         self.values[idx], self.advantages[idx], self.returns[idx], self.n_resp)
+                         self.values[idx], self.advantages[idx], self.returns[idx], self.n_resp,
+                         _trunk_rows(self.policy_trunk, idx), _trunk_rows(self.value_trunk, idx))
+
+
+def _trunk_rows(trunk: Trunk | None, idx: torch.Tensor) -> Trunk | None:
+    return None if trunk is None else (trunk[0], trunk[1][idx])
 
 
 class Collector:
     """Samples, scores and evaluates a batch of prompts with the current policy and shapes its rewards.
 
-    Two shortcuts, both same math, both on where set-up allows and tested against the plain way:
+    Three shortcuts, all same math, all on where set-up allows and tested against the plain way:
     `reuse_forward` keeps the rollout's policy and value forwards with their graphs for the first
     PPO step (one minibatch, one process); `split_prompt` lets the value model read the prompts on
     the side thread while the policy samples, and the policy keep its prompt state from sampling,
-    so the forwards after sampling run only the last prompt token and the response."""
+    so the forwards after sampling run only the last prompt token and the response; the trunks
+    (cache_trunk, adapters on the top layers only) run each model's frozen bottom layers once over
+    the batch, for the policy, the reference and every PPO epoch (it replaces split_prompt there)."""
 
     def __init__(self, cfg: PPOConfig, acc: Any, model: PolicyAndValue, reference: Reference, tok: Any,
                  stops: list[int], runner: Runner, score: ScoreFn, reward_parts: Callable[[], dict[str, float]],
@@ -138,6 +151,8 @@ class Collector:
         # the small bench model, also moving the reference's prompt to the side thread made sampling
         # wait for it: no faster in all.)
         self.split_prompt = runner.parallel and supports_lean(model.policy) and supports_lean(model.value)
+        self.policy_depth = frozen_depth(model.policy) if cfg.cache_trunk else 0
+        self.value_depth = frozen_depth(model.value) if cfg.cache_trunk else 0
 
     @torch.no_grad()
     def __call__(self, prompts: list[Prompt], kl_coef: float) -> Rollout:
@@ -146,9 +161,10 @@ class Collector:
         prompt_ids = [self._prompt_ids(p) for p in prompts]
         query, query_mask = (t.to(self.device) for t in left_pad(prompt_ids, self.tok.pad_token_id))
         split = self.split_prompt and query.shape[1] > 1
+        value_split, policy_split = split and not self.value_depth, split and not self.policy_depth
         value_state, g = self.runner.run(
-            (lambda: self._value_prompt_state(query[:, :-1], query_mask[:, :-1])) if split else (lambda: None),
-            lambda: self._sample(prompts, prompt_ids, split))
+            (lambda: self._value_prompt_state(query[:, :-1], query_mask[:, :-1])) if value_split else (lambda: None),
+            lambda: self._sample(prompts, prompt_ids, policy_split))
         t_gen = time.perf_counter() - t0
         mask, has_stop = self._response_mask(g.response)
         n_resp = max(1, int(mask.sum(1).max()))  # trim columns no row uses
@@ -159,6 +175,7 @@ class Collector:
         t1 = time.perf_counter()
         if reuse:
             model.train()  # as in the update (dropout is off, so the numbers are the same either way)
+        trunks: dict[str, Trunk | None] = {"policy": None, "value": None}
 
         def score_and_values() -> tuple[torch.Tensor, torch.Tensor, float]:
             with torch.no_grad():  # grad mode is per thread: this may run on the side thread
@@ -167,10 +184,12 @@ class Collector:
             with torch.set_grad_enabled(reuse), self.acc.autocast():
                 if value_state is not None:
                     return scores, model.values(rest, att, n_resp, value_state), t_score
-                return scores, model.values(ids, att, n_resp), t_score
+                trunks["value"] = self._trunk(model.value, ids, att, self.value_depth)
+                return scores, model.values(ids, att, n_resp, trunk=trunks["value"]), t_score
 
         def policy_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             with self.acc.autocast():
+                trunk = trunks["policy"] = self._trunk(model.policy, ids, att, self.policy_depth)
                 if g.logprobs is not None:  # recorded while sampling: no second pass over the policy
                     logp = g.logprobs[:, :n_resp].to(self.device)
                     entropy = g.entropy[:, :n_resp].to(self.device)
@@ -179,11 +198,11 @@ class Collector:
                         if g.prompt_state is not None:
                             logits = model.policy_logits(rest, att, n_resp, g.prompt_state)
                         else:
-                            logits = model.policy_logits(ids, att, n_resp)
+                            logits = model.policy_logits(ids, att, n_resp, trunk=trunk)
                         logp = core.logprobs_of(logits, response, cfg.temperature)
                     entropy = core.entropy_of(logits.detach(), cfg.temperature)
                     del logits
-                return logp, entropy, self.reference.logprobs(model.policy, ids, att, response, n_resp)
+                return logp, entropy, self.reference.logprobs(model.policy, ids, att, response, n_resp, trunk)
 
         (scores, values, t_score), (logp, entropy, ref_logp) = self.runner.run(score_and_values,
                                                                               policy_and_reference)
@@ -198,7 +217,16 @@ class Collector:
                        advantages=advantages, returns=returns, entropy=core.masked_mean(entropy, mask),
                        actions=actions, agree=agree, entropy_decision=entropy_decision,
                        reward_parts=self.reward_parts(), t_gen=t_gen, t_score=t_score, t_fwd=t_fwd,
-                       graphs=graphs)
+                       graphs=graphs, policy_trunk=trunks["policy"], value_trunk=trunks["value"])
+
+    @staticmethod
+    def _trunk(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, depth: int) -> Trunk | None:
+        """The output of the model's `depth` frozen layers over the batch (no graph: nothing below
+        trains), or None when it has none."""
+        if not depth:
+            return None
+        with torch.no_grad():
+            return trunk_states(model, ids, att, depth)
 
     def _response_mask(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask [B, T] long, has_stop [B] bool): up to and including the stop token, or everything

@@ -227,7 +227,7 @@ class PPOTrainer:
         values); else each half runs its own, or, with several processes, one forward runs both."""
         with self.acc.no_sync(self.model) if not sync else nullcontext():
             if graphs is None and self.world > 1:  # DDP averages gradients only through its own forward
-                logits, values = self.model(mb.ids, mb.att, mb.n_resp)
+                logits, values = self.model(mb.ids, mb.att, mb.n_resp, mb.policy_trunk, mb.value_trunk)
                 graphs = core.logprobs_of(logits, mb.response, self.cfg.temperature), values
             new_logp, values = graphs if graphs is not None else (None, None)
             return self.runner.run(partial(self._value_half, mb, values, update),
@@ -239,7 +239,7 @@ class PPOTrainer:
         cfg = self.cfg
         if new_logp is None:
             with self.acc.autocast():
-                logits = self.inner.policy_logits(mb.ids, mb.att, mb.n_resp)
+                logits = self.inner.policy_logits(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk)
             new_logp = core.logprobs_of(logits, mb.response, cfg.temperature)
         pg_loss, pst = core.policy_loss(new_logp, mb.logp, mb.advantages, mb.mask, cfg.cliprange)
         _check_finite(pg_loss, update)
@@ -253,7 +253,7 @@ class PPOTrainer:
         cfg = self.cfg
         if values is None:
             with self.acc.autocast():
-                values = self.inner.values(mb.ids, mb.att, mb.n_resp)
+                values = self.inner.values(mb.ids, mb.att, mb.n_resp, trunk=mb.value_trunk)
         vf_loss, vst = core.value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value)
         _check_finite(vf_loss, update)
         self.acc.backward(cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps)
