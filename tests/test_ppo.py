@@ -51,7 +51,8 @@ def test_run_writes_policy_value_metrics_and_plot(tiny_stack: dict[str, str], tm
     assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("score_mean", "score_std", "kl", "entropy", "approx_kl", "clipfrac", "vf_loss",
                 "explained_variance", "response_length", "no_stop_fraction", "agreement_batch",
-                "action_share_increase", "action_share_decrease", "action_share_no_change", "collapse"):
+                "action_share_increase", "action_share_decrease", "action_share_no_change", "collapse",
+                "teacher_share_increase"):
         assert key in rows[0], key
     shares = [rows[0][f"action_share_{a}"] for a in ("increase", "decrease", "no_change")]
     assert 0 <= sum(shares) <= 1 + 1e-9 and 0 <= rows[0]["agreement_batch"] <= max(shares) + 1e-9

@@ -54,6 +54,12 @@ def test_collapse_watch_warns_once_when_one_answer_takes_over_without_learning()
     learning.check(row(1, 0.4, 0.33))
     r = row(2, 0.95, 0.60)  # one action dominating a batch, but agreement rose: not a collapse
     assert learning.check(r) is None and r["collapse"] == 0
+    called_for = CollapseWatch(0.9)
+    called_for.check(row(1, 0.4, 0.33))
+    r = {**row(2, 0.95, 0.34), "teacher_share_increase": 1.0}  # the batch's chips all call for it
+    assert called_for.check(r) is None and r["collapse"] == 0
+    r = {**row(3, 0.95, 0.34), "teacher_share_increase": 0.5}
+    assert called_for.check(r) and r["collapse"] == 1
 
 
 def test_groups_of_samples_per_prompt() -> None:

@@ -26,7 +26,9 @@ class CollapseWatch:
     """Flags the failure PPO on this task falls into: one action takes over the batch while the
     agreement with the rule teacher does not rise (the policy found what the reward model likes on
     average, not what is right per chip). `agreement_batch` is compared with its mean over the
-    first `window` updates; a rise of less than `min_rise` counts as not rising."""
+    first `window` updates; a rise of less than `min_rise` counts as not rising. A batch whose chips
+    mostly call for that action (the teacher's share above `share` too) is not a collapse: with 4
+    chips per batch, 4 alike is common."""
 
     def __init__(self, share: float = 0.9, window: int = 4, min_rise: float = 0.1) -> None:
         self.share, self.window, self.min_rise = share, window, min_rise
@@ -40,15 +42,17 @@ class CollapseWatch:
         start = sum(self._start) / len(self._start)
         action = max(ACTIONS, key=lambda a: row[f"action_share_{a}"])
         share = row[f"action_share_{action}"]
-        collapsed = share > self.share and row["agreement_batch"] - start < self.min_rise
+        teacher = row.get(f"teacher_share_{action}", 0.0)
+        called_for = teacher > self.share
+        collapsed = share > self.share and not called_for and row["agreement_batch"] - start < self.min_rise
         row["collapse"] = int(collapsed)
         if not collapsed or self.first is not None:
             return None
         self.first = {"update": row["update"], "action": action, "share": round(share, 3),
                       "agreement_batch": round(row["agreement_batch"], 3), "agreement_start": round(start, 3)}
-        return (f"warning: update {row['update']}: {share:.0%} of the batch answers {action!r} while agreement "
-                f"with the rule stays at {row['agreement_batch']:.2f} (start {start:.2f}): PPO is collapsing onto "
-                "one answer; see README, 'Reward hacking signs'")
+        return (f"warning: update {row['update']}: {share:.0%} of the batch answers {action!r} (the teacher: "
+                f"{teacher:.0%}) while agreement with the rule stays at {row['agreement_batch']:.2f} (start "
+                f"{start:.2f}): PPO is collapsing onto one answer; see README, 'Reward hacking signs'")
 
 
 def rollout_stats(b: Rollout, stats: dict[str, float]) -> dict[str, float]:
@@ -65,6 +69,7 @@ def rollout_stats(b: Rollout, stats: dict[str, float]) -> dict[str, float]:
         "entropy_decision": b.entropy_decision,
         "agreement_batch": float(np.mean(b.agree)),
         **{f"action_share_{a}": float(np.mean([x == a for x in b.actions])) for a in ACTIONS},
+        **{f"teacher_share_{a}": float(np.mean([x == a for x in b.teacher_actions])) for a in ACTIONS},
         **stats,
     }
 

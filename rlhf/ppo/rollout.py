@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlhf.chips import action_token_index, judge
+from rlhf.chips import action_token_index, judge, rule_action, spec_from_prompt
 from rlhf.generation import Generated, generate
 from rlhf.models.decoder import KeyValues, Trunk, frozen_depth, key_values, supports_lean, trunk_states
 from rlhf.models.tokens import chat_ids, left_pad
@@ -96,6 +96,7 @@ class Rollout:
     entropy: torch.Tensor  # scalar: the policy's mean entropy per answer token
     actions: list[str | None]  # [B] each answer's action (None when the answer is not a valid one)
     agree: list[bool]  # [B] the answer's action is the rule teacher's
+    teacher_actions: list[str | None]  # [B] the rule teacher's action for each prompt (None: not a chip prompt)
     entropy_decision: float  # mean entropy at the token that picks the action (nan: no answer got there)
     reward_parts: dict[str, float]  # per reward source: its mean raw score (and the judge's counts)
     t_gen: float  # seconds sampling
@@ -118,6 +119,11 @@ class Rollout:
         return Minibatch(self.ids[idx], self.att[idx], self.response[idx], self.mask[idx], self.logp[idx],
                          self.values[idx], self.advantages[idx], self.returns[idx], self.n_resp,
                          _trunk_rows(self.policy_trunk, idx), _trunk_rows(self.value_trunk, idx))
+
+
+def _teacher_action(prompt: Prompt) -> str | None:
+    spec = spec_from_prompt(prompt[-1]["content"])
+    return None if spec is None else rule_action(spec)
 
 
 def _trunk_rows(trunk: Trunk | None, idx: torch.Tensor) -> Trunk | None:
@@ -216,6 +222,7 @@ class Collector:
                        n_resp=n_resp, has_stop=has_stop, logp=logp, values=values, scores=scores, kl=kl.sum(1),
                        advantages=advantages, returns=returns, entropy=core.masked_mean(entropy, mask),
                        actions=actions, agree=agree, entropy_decision=entropy_decision,
+                       teacher_actions=[_teacher_action(p) for p in prompts],
                        reward_parts=self.reward_parts(), t_gen=t_gen, t_score=t_score, t_fwd=t_fwd,
                        graphs=graphs, policy_trunk=trunks["policy"], value_trunk=trunks["value"])
 
