@@ -299,22 +299,50 @@ def test_prompts_read_while_sampling(tiny_stack: dict[str, str], tmp_path: Path,
     _same_updates(tmp_path / "split", tmp_path / "b")
 
 
-def test_frozen_trunk_runs_once_per_rollout_and_gives_the_same_updates(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """Adapters on the top layer only: the bottom layer's output is the same for the policy, its
-    reference and each PPO epoch, so it runs once per rollout and model. Same updates as running
-    every layer each time, within rounding."""
+def _two_layer_args(tmp_path: Path) -> dict[str, Any]:
+    """PPO keys for a 2-layer tiny model from scratch (policy and value), rule reward, 2 updates of 8."""
     from rlhf.data.preference import PreferenceConfig
     from rlhf.data.preference import run as run_data
-    from rlhf.models.decoder import decoder_backbone
     from rlhf.models.tiny import build_tiny_model
-    from rlhf.ppo.trainer import PPOTrainer
 
     base = build_tiny_model(tmp_path / "base", seed=0, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                             intermediate_size=64)
     data = tmp_path / "data"
     run_data(build(PreferenceConfig, {"teacher": "rule", "n": 40, "seed": 0, "output_dir": str(data), "sft_n": 8},
                    "test"))
+    return {"model": str(base), "value_model": str(base), "reward_model": "", "rewards": {"rule": 1.0},
+            "data": str(data), "total_episodes": 16, "batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 2,
+            "response_length": 12, "eval_prompts": 0, "save_every": 0, "report_to": "none", "sample_every": 0,
+            "learning_rate": 3e-3, "seed": 3, "parallel_value": False}
+
+
+def test_train_layers_moves_only_the_top_layers_and_starts_them_from_the_trunk(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from rlhf.ppo.trainer import PPOTrainer
+
+    cfg = build(PPOConfig, {**_two_layer_args(tmp_path), "use_lora": False, "train_layers": 1,
+                            "output_dir": str(tmp_path / "top")}, "t")
+    trainer = PPOTrainer(cfg)
+    assert trainer.collect.policy_depth == 1 and trainer.reference.model is not None
+    trainer.train()
+    trainer.runner.close()
+    before = load_file(str(tmp_path / "base" / "model.safetensors"))
+    after = load_file(str(tmp_path / "top" / "policy" / "model.safetensors"))
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(".layers.1." in k or k == "model.norm.weight" for k in moved), moved
+    with pytest.raises(UserError, match="train_layers is for full fine-tuning"):
+        build(PPOConfig, {**_two_layer_args(tmp_path), "use_lora": True, "train_layers": 1}, "t")
+
+
+def test_frozen_trunk_runs_once_per_rollout_and_gives_the_same_updates(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adapters on the top layer only: the bottom layer's output is the same for the policy, its
+    reference and each PPO epoch, so it runs once per rollout and model. Same updates as running
+    every layer each time, within rounding."""
+    from rlhf.models.decoder import decoder_backbone
+    from rlhf.ppo.trainer import PPOTrainer
+
     bottom_runs = {"n": 0}
     init = PPOTrainer.__init__
 
@@ -326,11 +354,7 @@ def test_frozen_trunk_runs_once_per_rollout_and_gives_the_same_updates(tmp_path:
                 lambda *_: bottom_runs.__setitem__("n", bottom_runs["n"] + 1))
 
     monkeypatch.setattr(PPOTrainer, "__init__", counting)
-    args = {"model": str(base), "value_model": str(base), "reward_model": "", "rewards": {"rule": 1.0},
-            "data": str(data), "use_lora": True, "value_use_lora": True, "lora_layers": 1, "lora_r": 4,
-            "total_episodes": 16, "batch_size": 8, "num_mini_batches": 2, "num_ppo_epochs": 2,
-            "response_length": 12, "eval_prompts": 0, "save_every": 0, "report_to": "none", "sample_every": 0,
-            "learning_rate": 3e-3, "seed": 3, "parallel_value": False}
+    args = {**_two_layer_args(tmp_path), "use_lora": True, "value_use_lora": True, "lora_layers": 1, "lora_r": 4}
     run(build(PPOConfig, {**args, "output_dir": str(tmp_path / "trunk")}, "t"))
     cached = bottom_runs["n"]
     bottom_runs["n"] = 0

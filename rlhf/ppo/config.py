@@ -29,6 +29,8 @@ class PPOConfig(ModelOptions):
     value_head_init: Literal["zero", "reward"] = field(
         "zero", help="value head at start: 'zero' (reward model's backbone, head zeroed) or 'reward' (as TRL)")
     value_use_lora: bool = field(False, help="LoRA on the value model instead of training it fully")
+    train_layers: int = field(0, min=0, help="with use_lora false: the policy trains only its last N transformer "
+                              "layers and the final norm (0: all weights); the reference is a frozen copy")
     data: str = field("runs/data", help="preference folder: prompts from train.jsonl, held-out from test.jsonl")
     output_dir: str = field("runs/ppo", help="policy/, value/, checkpoints/, metrics.jsonl, metrics.json")
     seed: int = field(0, help="one seed for sampling, shuffling and init: same seed, same numbers on CPU", **SEED)
@@ -117,6 +119,9 @@ class PPOConfig(ModelOptions):
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_TRAINING}
 
     def validate(self) -> None:
+        if self.train_layers and self.use_lora:
+            raise UserError("ppo: train_layers is for full fine-tuning; set use_lora false, or use lora_layers "
+                            "for adapters on the last layers")
         # checked here, not only in rlhf.rewards.build_reward: that runs after the policy has loaded
         if not self.rewards:
             raise UserError("--rewards is empty: give at least one source, e.g. --rewards '{model: 1.0}'")

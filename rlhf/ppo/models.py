@@ -16,6 +16,7 @@ from torch import nn
 
 from rlhf.models import add_lora, load_causal_lm, load_tokenizer, load_value_model, stop_token_ids
 from rlhf.models.decoder import KeyValues, Trunk, causal_logits, head_outputs
+from rlhf.models.load import train_last_layers
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
 
@@ -115,6 +116,8 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
     if cfg.use_lora:
         policy = add_lora(policy, cfg)  # the reference is this model with its adapters disabled
     else:
+        if cfg.train_layers:
+            train_last_layers(policy, cfg.train_layers)
         ref_model = load_causal_lm(cfg.model, cfg, merge_lora=True).to(device).eval()
         ref_model.requires_grad_(False)
     value_src = cfg.value_model or cfg.reward_model or cfg.model
