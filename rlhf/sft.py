@@ -18,11 +18,10 @@ import torch
 from rlhf.chips.advice import AdviceParseError, action_token_index, parse_advice
 from rlhf.config import SEED, field
 from rlhf.data.schema import SFT_COLUMNS, load_rows, model_context, resolve_split
-from rlhf.errors import UserError
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, add_lora, load_causal_lm, load_tokenizer, make_adapter_relocatable
 from rlhf.models.chatml import IM_END
-from rlhf.models.load import train_last_layers
+from rlhf.models.load import check_train_layers, train_last_layers
 from rlhf.training import (
     GRADIENT_CHECKPOINTING_HELP,
     balanced_trainer,
@@ -60,9 +59,7 @@ class SFTStageConfig(ModelOptions):
                                   "batch's mix (SmolLM2: 0.65 vs 0.35 action accuracy after 80 steps)")
 
     def validate(self) -> None:
-        if self.train_layers and self.use_lora:
-            raise UserError("sft: train_layers is for full fine-tuning; set use_lora false, or use lora_layers "
-                            "for adapters on the last layers")
+        check_train_layers("sft", self.train_layers, self.use_lora)
 
 
 def run(cfg: SFTStageConfig) -> dict[str, Any]:

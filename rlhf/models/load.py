@@ -337,6 +337,13 @@ def add_lora(model: Any, opts: ModelOptions, *, task_type: str = "CAUSAL_LM") ->
     return model
 
 
+def check_train_layers(stage: str, train_layers: int, use_lora: bool) -> None:
+    """train_layers is full fine-tuning of the top layers; with LoRA, lora_layers says where adapters go."""
+    if train_layers and use_lora:
+        raise UserError(f"{stage}: train_layers is for full fine-tuning; set use_lora false, or use lora_layers "
+                        "for adapters on the last layers")
+
+
 def train_last_layers(model: Any, n_layers: int) -> None:
     """Full fine-tuning of the last `n_layers` transformer layers and the final norm only: the rest
     (embeddings, so a tied LM head too) is frozen, and the backward pass stops at the lowest trained layer."""

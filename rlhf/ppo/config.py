@@ -10,6 +10,7 @@ from typing import Any, Literal
 from rlhf.config import SEED, field
 from rlhf.errors import UserError
 from rlhf.models import ModelOptions
+from rlhf.models.load import check_train_layers
 
 # Keys a resumed run may change: outputs, logging, checkpoint cadence, threading. Any other
 # difference from the checkpoint's settings would silently mix two trainings.
@@ -119,9 +120,7 @@ class PPOConfig(ModelOptions):
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_TRAINING}
 
     def validate(self) -> None:
-        if self.train_layers and self.use_lora:
-            raise UserError("ppo: train_layers is for full fine-tuning; set use_lora false, or use lora_layers "
-                            "for adapters on the last layers")
+        check_train_layers("ppo", self.train_layers, self.use_lora)
         # checked here, not only in rlhf.rewards.build_reward: that runs after the policy has loaded
         if not self.rewards:
             raise UserError("--rewards is empty: give at least one source, e.g. --rewards '{model: 1.0}'")
