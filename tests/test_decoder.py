@@ -8,6 +8,7 @@ import torch
 from rlhf.models.decoder import (
     causal_logits,
     frozen_depth,
+    group_prompts,
     head_outputs,
     next_token_logits,
     position_ids_of,
@@ -130,6 +131,55 @@ def test_the_frozen_trunk_then_the_adapted_layers_equal_the_whole_forward() -> N
     classifier = get_peft_model(_model("Qwen2", "SequenceClassification"), lora)
     torch.testing.assert_close(head_outputs(classifier, ids, att, 4, trunk=trunk_states(classifier, ids, att, 1)),
                                head_outputs(classifier, ids, att, 4), atol=1e-5, rtol=1e-5)
+
+
+def _grouped_batch(n_resp: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two prompts (left padding 0 and 3) x 3 sampled responses each (one ends in padding)."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = torch.randint(1, SIZES["vocab_size"], (2, 7), generator=gen)
+    prompt_att = torch.ones_like(prompts)
+    prompts[1, :3], prompt_att[1, :3] = 0, 0
+    responses = torch.randint(1, SIZES["vocab_size"], (6, n_resp), generator=gen)
+    responses[4, -2:] = 0  # after its stop token: padding, attended as the rows' layout attends it
+    ids = torch.cat([prompts.repeat_interleave(3, 0), responses], 1)
+    att = torch.cat([prompt_att.repeat_interleave(3, 0), torch.ones_like(responses)], 1)
+    return ids, att
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Llama"])
+def test_rows_sharing_a_prompt_run_it_once_with_the_rows_logits_values_and_gradients(arch: str) -> None:
+    """The shared-prompt layout: each prompt's layers run once for its 3 responses, and the logits,
+    gradients, the trunk's continuation and the value head equal those of running every row."""
+    from peft import LoraConfig, get_peft_model
+
+    ids, att = _grouped_batch()
+    groups = group_prompts(ids, att, 4, 3)
+    assert groups.ids.shape == (2, 7 + 3 * 4)
+    weights = torch.randn(6, 4, SIZES["vocab_size"], generator=torch.Generator().manual_seed(2))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"], init_lora_weights=False, layers_to_transform=[1])
+    logits, grads = [], []
+    for shared in (None, groups):
+        model = get_peft_model(_model(arch, "CausalLM"), lora).train()
+        positions_seen: list[int] = []
+        model.base_model.model.model.layers[0].mlp.register_forward_hook(
+            lambda m, i, o, seen=positions_seen: seen.append(i[0].shape[0] * i[0].shape[1]))
+        out = causal_logits(model, ids, att, 5, groups=shared)[:, :-1]
+        (out * weights).sum().backward()
+        logits.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        trunk = trunk_states(model, ids, att, 1, groups=shared)
+        torch.testing.assert_close(causal_logits(model, ids, att, 5, trunk=trunk, groups=shared)[:, :-1].detach(),
+                                   logits[-1], atol=1e-5, rtol=1e-5)
+        assert positions_seen[0] == (6 * 11 if shared is None else 2 * 19)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
+    classifier = _model(arch, "SequenceClassification")
+    torch.testing.assert_close(head_outputs(classifier, ids, att, 5, groups=groups),
+                               head_outputs(classifier, ids, att, 5), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="runs of 3"):
+        group_prompts(ids[[0, 1, 3, 2, 4, 5]], att, 4, 3)
 
 
 def test_frozen_depth_counts_the_layers_below_any_training() -> None:

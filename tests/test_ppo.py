@@ -365,6 +365,44 @@ def test_frozen_trunk_runs_once_per_rollout_and_gives_the_same_updates(tmp_path:
     _same_updates(tmp_path / "trunk", tmp_path / "plain")
 
 
+@pytest.mark.parametrize("adapters", [False, True])
+def test_a_prompts_samples_share_its_forward_and_give_the_same_updates(tmp_path: Path, adapters: bool,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """samples_per_prompt 2 with share_prompts: after sampling, every forward runs each prompt once for
+    both its answers (the bottom layer sees fewer positions), and the updates are those of running
+    every row, within rounding."""
+    from rlhf.models.decoder import decoder_backbone
+    from rlhf.ppo.trainer import PPOTrainer
+
+    seen = {"positions": 0, "grouped": 0}
+    init, rollout = PPOTrainer.__init__, PPOTrainer.rollout
+
+    def counting(self: PPOTrainer, cfg: PPOConfig) -> None:
+        init(self, cfg)
+        assert self.collect.group_size == (2 if cfg.share_prompts else 1) and self.group == 2
+        for model in (self.inner.policy, self.inner.value):
+            decoder_backbone(model).layers[0].mlp.register_forward_hook(
+                lambda m, i, o: seen.__setitem__("positions", seen["positions"] + i[0].shape[0] * i[0].shape[1]))
+
+    def watched(self: PPOTrainer, prompts: list) -> Any:
+        batch = rollout(self, prompts)
+        seen["grouped"] += batch.groups is not None
+        return batch
+
+    monkeypatch.setattr(PPOTrainer, "__init__", counting)
+    monkeypatch.setattr(PPOTrainer, "rollout", watched)
+    args = {**_two_layer_args(tmp_path), "samples_per_prompt": 2, "score_baseline": "group", "cache_trunk": adapters}
+    if adapters:  # LoRA on the top layer: the groups' layout over the frozen trunk
+        args.update(use_lora=True, value_use_lora=True, lora_layers=1, lora_r=4)
+    run(build(PPOConfig, {**args, "output_dir": str(tmp_path / "shared")}, "t"))
+    shared = dict(seen)
+    seen.update(positions=0, grouped=0)
+    run(build(PPOConfig, {**args, "output_dir": str(tmp_path / "rows"), "share_prompts": False}, "t"))
+    assert shared["grouped"] == 2 and seen["grouped"] == 0  # both updates in the groups' layout, or none
+    assert shared["positions"] < (0.9 if adapters else 0.8) * seen["positions"]
+    _same_updates(tmp_path / "shared", tmp_path / "rows")
+
+
 def test_sampling_ignores_the_models_generation_config(tiny_stack: dict[str, str]) -> None:
     """PPO's log-probs assume sampling at exactly the configured temperature/top-k/top-p: a model's own
     generation_config (Qwen2.5-Instruct ships top_k 20, repetition_penalty 1.05) must not leak in, as

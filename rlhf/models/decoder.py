@@ -19,6 +19,7 @@ and models under gradient checkpointing fall back to the model's own forward.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,9 +62,64 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(1) - 1).clamp(min=0)
 
 
+@dataclass(frozen=True)
+class PromptGroups:
+    """Rows in runs of `size` that share one prompt, laid out as one sequence per run: the prompt
+    once, then each row's response, each response attending to the prompt and to itself only, at
+    the positions it has in its own row. The prompt is ~70% of a SmolLM2 chip row, so 4 samples of
+    a prompt cost about half of 4 rows. Built by `group_prompts`; G = B / size sequences of L tokens."""
+
+    size: int
+    ids: torch.Tensor  # [G, L] long: prompt (left-padded) then `size` responses of T tokens
+    positions: torch.Tensor  # [G, L] long: rotary positions, each response's as in its own row
+    allowed: torch.Tensor  # [G, 1, L, L] bool: causal, no padding, no response sees another
+    gather: torch.Tensor  # [size, T + 1] long: a row's outputs among the last 1 + size * T positions
+
+    @property
+    def n_keep(self) -> int:
+        return 1 + self.size * (self.gather.shape[1] - 1)
+
+    def take(self, groups: torch.Tensor) -> PromptGroups:
+        """The sequences of these groups (a minibatch of whole groups)."""
+        return PromptGroups(self.size, self.ids[groups], self.positions[groups], self.allowed[groups], self.gather)
+
+    def rows(self, h: torch.Tensor) -> torch.Tensor:
+        """[G, n_keep, ...] outputs at the kept positions -> [B, T + 1, ...] in the rows' layout, as
+        a row-per-row forward keeping its last T + 1 positions gives them."""
+        groups = torch.arange(h.shape[0], device=h.device).repeat_interleave(self.size)
+        return h[groups[:, None], self.gather.repeat(h.shape[0], 1)]
+
+
+def group_prompts(ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int, size: int) -> PromptGroups:
+    """The shared-prompt layout of left-padded rows [B, P + T] whose runs of `size` rows have one
+    prompt (their first P columns equal) and a response of T = n_response tokens each."""
+    batch, seq = ids.shape
+    n_prompt, n_groups = seq - n_response, batch // size
+    if batch % size or not torch.equal(ids[:, :n_prompt].view(n_groups, size, -1).amin(1),
+                                       ids[:, :n_prompt].view(n_groups, size, -1).amax(1)):
+        raise ValueError(f"rows do not come in runs of {size} with one prompt")
+    row_pos = position_ids_of(attention_mask).view(n_groups, size, seq)
+    first = slice(None, None, size)
+    packed = torch.cat([ids[first, :n_prompt], ids[:, n_prompt:].reshape(n_groups, -1)], 1)
+    positions = torch.cat([row_pos[:, 0, :n_prompt], row_pos[:, :, n_prompt:].reshape(n_groups, -1)], 1)
+    # segment 0: the prompt; segment j + 1: response j
+    segment = torch.cat([torch.zeros(n_prompt, dtype=torch.long),
+                         torch.arange(1, size + 1).repeat_interleave(n_response)]).to(ids.device)
+    valid = torch.cat([attention_mask[first, :n_prompt].bool(),
+                       attention_mask[:, n_prompt:].reshape(n_groups, -1).bool()], 1)
+    index = torch.arange(packed.shape[1], device=ids.device)
+    causal = index[None, :] <= index[:, None]
+    same = (segment[None, :] == 0) | (segment[None, :] == segment[:, None])
+    allowed = (causal & same)[None] & valid[:, None, :]
+    # kept outputs: the last prompt token (it predicts every response's first token), then the responses
+    starts = 1 + torch.arange(size)[:, None] * n_response
+    gather = torch.cat([torch.zeros(size, 1, dtype=torch.long), starts + torch.arange(n_response)], 1)
+    return PromptGroups(size, packed, positions, allowed[:, None], gather.to(ids.device))
+
+
 def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
                    past: KeyValues | None = None, return_key_values: bool = False,
-                   trunk: Trunk | None = None, stop_layer: int | None = None
+                   trunk: Trunk | None = None, stop_layer: int | None = None, groups: PromptGroups | None = None
                    ) -> tuple[torch.Tensor, KeyValues | None]:
     """Final hidden states [B, keep, D] at the last `keep` positions of `input_ids` (left-padded),
     for a model where supports_lean() holds.
@@ -73,27 +129,36 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     and values per layer over past and new tokens (for sampling one token at a time).
     trunk: (d, h), the hidden states [B, S, D] entering layer d at every position (from stop_layer=d):
     the layers below d are not run. stop_layer: return the hidden states entering that layer, at
-    every position and before the final norm, instead of the final ones."""
+    every position and before the final norm, instead of the final ones.
+    groups: run rows that share a prompt in the shared-prompt layout (`input_ids` and `keep` are then
+    the groups'; a trunk is in that layout too); the final hidden states come back per row, [B, T + 1, D]."""
     backbone = decoder_backbone(model)
     layers = backbone.layers
+    if groups is not None:
+        assert past is None and not return_key_values, "a shared-prompt layout runs whole sequences"
+        input_ids, keep = groups.ids, groups.n_keep
     batch, seq = input_ids.shape
     n_past = past[0][0].shape[2] if past else 0
     keep = min(keep, seq)
     first, h = trunk if trunk is not None else (0, backbone.embed_tokens(input_ids))
-    cos, sin = backbone.rotary_emb(h, position_ids_of(attention_mask)[:, n_past:])
+    if groups is not None:
+        positions, allowed = groups.positions, groups.allowed
+    else:
+        positions = position_ids_of(attention_mask)[:, n_past:]
+        # causal over absolute positions, no attention to padding (a padding query, which sees nothing,
+        # gets zeros from scaled_dot_product_attention, not NaN)
+        key_pos = torch.arange(n_past + seq, device=h.device)
+        allowed = (key_pos <= key_pos[n_past:, None]) & attention_mask[:, None, :].bool()
+        allowed = allowed[:, None]  # [B, 1, T, P + T]
+    cos, sin = backbone.rotary_emb(h, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    # causal over absolute positions, no attention to padding (a padding query, which sees nothing,
-    # gets zeros from scaled_dot_product_attention, not NaN)
-    key_pos = torch.arange(n_past + seq, device=h.device)
-    allowed = (key_pos <= key_pos[n_past:, None]) & attention_mask[:, None, :].bool()
-    allowed = allowed[:, None]  # [B, 1, T, P + T]
     rotate_half = sys.modules[type(layers[0].self_attn).__module__].rotate_half
     key_values: KeyValues = []
     for i, layer in enumerate(layers):
         if i < first:
             continue
         if i == stop_layer:
-            return h, None
+            return h, None  # in the layout it ran in: a trunk
         attn = layer.self_attn
         n = keep if i == len(layers) - 1 else seq  # the last layer only where it is read
         x = layer.input_layernorm(h)
@@ -110,7 +175,8 @@ def decoder_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
                                              enable_gqa=q.shape[1] != k.shape[1])
         h = h[:, -n:] + attn.o_proj(out.transpose(1, 2).reshape(batch, n, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return backbone.norm(h), key_values if return_key_values else None
+    h = backbone.norm(h)
+    return (h if groups is None else groups.rows(h)), key_values if return_key_values else None
 
 
 def frozen_depth(model: nn.Module) -> int:
@@ -129,30 +195,34 @@ def frozen_depth(model: nn.Module) -> int:
     return len(backbone.layers)
 
 
-def trunk_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> Trunk:
+def trunk_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int,
+                 groups: PromptGroups | None = None) -> Trunk:
     """The trunk of left-padded inputs: the hidden states entering layer `depth` (see decoder_hidden)."""
-    return depth, decoder_hidden(model, input_ids, attention_mask, input_ids.shape[1], stop_layer=depth)[0]
+    seq = (input_ids if groups is None else groups.ids).shape[1]
+    return depth, decoder_hidden(model, input_ids, attention_mask, seq, stop_layer=depth, groups=groups)[0]
 
 
 def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
-                  past: KeyValues | None = None, trunk: Trunk | None = None) -> torch.Tensor:
+                  past: KeyValues | None = None, trunk: Trunk | None = None,
+                  groups: PromptGroups | None = None) -> torch.Tensor:
     """A causal LM's logits [B, keep, V] at the last `keep` positions of left-padded inputs.
     past: the keys and values of the tokens before `input_ids`; trunk: the states of its frozen
-    layers (see decoder_hidden)."""
-    if past is not None or trunk is not None or supports_lean(model):
-        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk)[0]
+    layers; groups: rows sharing prompts run once per prompt, keep = T + 1 (see decoder_hidden)."""
+    if past is not None or trunk is not None or groups is not None or supports_lean(model):
+        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk, groups=groups)[0]
         return unwrap(model).get_output_embeddings()(hidden)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
                  logits_to_keep=keep).logits[:, -keep:]
 
 
 def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
-                 past: KeyValues | None = None, trunk: Trunk | None = None) -> torch.Tensor:
+                 past: KeyValues | None = None, trunk: Trunk | None = None,
+                 groups: PromptGroups | None = None) -> torch.Tensor:
     """A sequence classifier's head (`score`) applied at each of the last `keep` positions of
     left-padded inputs: [B, keep, labels]. keep=1 is the classifier's own reading of a sequence.
-    past, trunk: as for causal_logits."""
-    if past is not None or trunk is not None or supports_lean(model):
-        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk)[0]
+    past, trunk, groups: as for causal_logits."""
+    if past is not None or trunk is not None or groups is not None or supports_lean(model):
+        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk, groups=groups)[0]
     else:
         hidden = decoder_backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
                                          position_ids=position_ids_of(attention_mask)).last_hidden_state[:, -keep:]

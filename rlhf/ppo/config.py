@@ -112,6 +112,8 @@ class PPOConfig(ModelOptions):
                                             "one process, a CPU, a policy under 50M parameters. Same math")
     cache_trunk: bool = field(True, help="run the frozen layers below the adapters once per rollout: the policy, "
                               "the reference and every PPO epoch start from their output (same math)")
+    share_prompts: bool = field(True, help="with samples_per_prompt > 1, every forward after sampling runs each "
+                                "prompt once for all its answers (same math; measured in the README)")
     gc_freeze: bool = field(True, help="gc.freeze() after loading: cyclic GC over model objects costs seconds")
 
     def training_settings(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rlhf.models import add_lora, load_causal_lm, load_tokenizer, load_value_model, stop_token_ids
-from rlhf.models.decoder import KeyValues, Trunk, causal_logits, head_outputs
+from rlhf.models.decoder import KeyValues, PromptGroups, Trunk, causal_logits, head_outputs
 from rlhf.models.load import train_last_layers
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
@@ -30,24 +30,27 @@ class PolicyAndValue(nn.Module):
         self.value = value
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
-                policy_trunk: Trunk | None = None, value_trunk: Trunk | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.policy_logits(input_ids, attention_mask, n_response, trunk=policy_trunk),
-                self.values(input_ids, attention_mask, n_response, trunk=value_trunk))
+                policy_trunk: Trunk | None = None, value_trunk: Trunk | None = None,
+                groups: PromptGroups | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.policy_logits(input_ids, attention_mask, n_response, trunk=policy_trunk, groups=groups),
+                self.values(input_ids, attention_mask, n_response, trunk=value_trunk, groups=groups))
 
     def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
-                      past: KeyValues | None = None, trunk: Trunk | None = None) -> torch.Tensor:
+                      past: KeyValues | None = None, trunk: Trunk | None = None,
+                      groups: PromptGroups | None = None) -> torch.Tensor:
         """Logits that predict the response tokens. With `past` (the keys and values of the prompt
         but its last token), `input_ids` are the rest: the last prompt token and the response.
-        With `trunk` (the frozen layers' output), only the layers above it run."""
-        return causal_logits(self.policy, input_ids, attention_mask, n_response + 1, past, trunk)[:, :-1]
+        With `trunk` (the frozen layers' output), only the layers above it run. With `groups`, each
+        shared prompt runs once (the trunk is in that layout too)."""
+        return causal_logits(self.policy, input_ids, attention_mask, n_response + 1, past, trunk, groups)[:, :-1]
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
-               past: KeyValues | None = None, trunk: Trunk | None = None) -> torch.Tensor:
-        """V(s_t) for the states before each response token (`past`, `trunk` as for policy_logits):
-        the value model's scalar head at every response position, where a sequence classifier reads
-        only the last."""
-        values = head_outputs(self.value, input_ids, attention_mask, n_response + 1, past, trunk)
+               past: KeyValues | None = None, trunk: Trunk | None = None,
+               groups: PromptGroups | None = None) -> torch.Tensor:
+        """V(s_t) for the states before each response token (`past`, `trunk`, `groups` as for
+        policy_logits): the value model's scalar head at every response position, where a sequence
+        classifier reads only the last."""
+        values = head_outputs(self.value, input_ids, attention_mask, n_response + 1, past, trunk, groups)
         return values.squeeze(-1).float()[:, :-1]
 
 
@@ -59,15 +62,16 @@ class Reference:
         self.model, self.temperature = model, temperature
 
     def logprobs(self, policy: nn.Module, ids: torch.Tensor, att: torch.Tensor, response: torch.Tensor,
-                 n_resp: int, trunk: Trunk | None = None) -> torch.Tensor:
+                 n_resp: int, trunk: Trunk | None = None, groups: PromptGroups | None = None) -> torch.Tensor:
         """Log-probs [B, n_resp] of `response` under the reference (at the sampling temperature).
-        trunk: the policy's frozen layers' output, which is the reference's too (they never train)."""
+        trunk: the policy's frozen layers' output, which is the reference's too (they never train);
+        groups: rows sharing a prompt run it once."""
         if self.model is not None:
             ctx, ref = nullcontext(), self.model
         else:
             ctx, ref = policy.disable_adapter(), policy
         with ctx:
-            logits = causal_logits(ref, ids, att, n_resp + 1, trunk=trunk)[:, :-1]
+            logits = causal_logits(ref, ids, att, n_resp + 1, trunk=trunk, groups=groups)[:, :-1]
         return core.logprobs_of(logits, response, self.temperature)
 
 

@@ -19,7 +19,16 @@ import torch
 
 from rlhf.chips import action_token_index, judge, rule_action, spec_from_prompt
 from rlhf.generation import Generated, generate
-from rlhf.models.decoder import KeyValues, Trunk, frozen_depth, key_values, supports_lean, trunk_states
+from rlhf.models.decoder import (
+    KeyValues,
+    PromptGroups,
+    Trunk,
+    frozen_depth,
+    group_prompts,
+    key_values,
+    supports_lean,
+    trunk_states,
+)
 from rlhf.models.tokens import chat_ids, left_pad
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
@@ -72,6 +81,7 @@ class Minibatch:
     n_resp: int
     policy_trunk: Trunk | None = None
     value_trunk: Trunk | None = None
+    groups: PromptGroups | None = None
 
 
 @dataclass
@@ -109,6 +119,8 @@ class Rollout:
     # update's forwards run only the layers above it.
     policy_trunk: Trunk | None = None
     value_trunk: Trunk | None = None
+    # share_prompts: the batch's groups in the shared-prompt layout (the trunks are in it too), else None
+    groups: PromptGroups | None = None
 
     def take_graphs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The graphs, once: the first step frees them by backpropagating through them."""
@@ -116,9 +128,28 @@ class Rollout:
         return graphs
 
     def rows(self, idx: torch.Tensor) -> Minibatch:
+        """The rows `idx`; in the shared-prompt layout they are whole groups, each in order."""
+        groups, seqs = None, idx
+        if self.groups is not None:
+            seqs = idx[::self.groups.size] // self.groups.size
+            groups = self.groups.take(seqs)
         return Minibatch(self.ids[idx], self.att[idx], self.response[idx], self.mask[idx], self.logp[idx],
                          self.values[idx], self.advantages[idx], self.returns[idx], self.n_resp,
-                         _trunk_rows(self.policy_trunk, idx), _trunk_rows(self.value_trunk, idx))
+                         _trunk_rows(self.policy_trunk, seqs), _trunk_rows(self.value_trunk, seqs), groups)
+
+
+def rows_kept_together(cfg: PPOConfig, world: int) -> int:
+    """How many consecutive rows (a prompt's samples) the update's minibatches keep together: the
+    group, where micro-batches hold whole groups, else 1 (rows shuffled one by one)."""
+    micro = cfg.batch_size // world // cfg.num_mini_batches // cfg.gradient_accumulation_steps
+    return cfg.samples_per_prompt if micro % cfg.samples_per_prompt == 0 else 1
+
+
+def share_prompts(cfg: PPOConfig, model: PolicyAndValue, world: int) -> bool:
+    """Whether a prompt's samples run as one sequence: asked for, several samples per prompt kept
+    together in the update, lean models."""
+    return (cfg.share_prompts and rows_kept_together(cfg, world) > 1
+            and supports_lean(model.policy) and supports_lean(model.value))
 
 
 def _teacher_action(prompt: Prompt) -> str | None:
@@ -159,6 +190,8 @@ class Collector:
         self.split_prompt = runner.parallel and supports_lean(model.policy) and supports_lean(model.value)
         self.policy_depth = frozen_depth(model.policy) if cfg.cache_trunk else 0
         self.value_depth = frozen_depth(model.value) if cfg.cache_trunk else 0
+        # a prompt's samples run as one sequence in every forward after sampling (micro-batches hold whole groups)
+        self.group_size = cfg.samples_per_prompt if share_prompts(cfg, model, world) else 1
 
     @torch.no_grad()
     def __call__(self, prompts: list[Prompt], kl_coef: float) -> Rollout:
@@ -166,7 +199,7 @@ class Collector:
         model.eval()
         prompt_ids = [self._prompt_ids(p) for p in prompts]
         query, query_mask = (t.to(self.device) for t in left_pad(prompt_ids, self.tok.pad_token_id))
-        split = self.split_prompt and query.shape[1] > 1
+        split = self.split_prompt and query.shape[1] > 1 and self.group_size == 1  # the groups' layout replaces it
         value_split, policy_split = split and not self.value_depth, split and not self.policy_depth
         value_state, g = self.runner.run(
             (lambda: self._value_prompt_state(query[:, :-1], query_mask[:, :-1])) if value_split else (lambda: None),
@@ -178,6 +211,7 @@ class Collector:
         ids = torch.cat([query, response], 1)
         att = torch.cat([query_mask, torch.ones_like(response)], 1)
         rest = ids[:, query.shape[1] - 1:]  # the last prompt token and the response: after a prompt state
+        groups = group_prompts(ids, att, n_resp, self.group_size) if self.group_size > 1 else None
         t1 = time.perf_counter()
         if reuse:
             model.train()  # as in the update (dropout is off, so the numbers are the same either way)
@@ -190,12 +224,12 @@ class Collector:
             with torch.set_grad_enabled(reuse), self.acc.autocast():
                 if value_state is not None:
                     return scores, model.values(rest, att, n_resp, value_state), t_score
-                trunks["value"] = self._trunk(model.value, ids, att, self.value_depth)
-                return scores, model.values(ids, att, n_resp, trunk=trunks["value"]), t_score
+                trunks["value"] = self._trunk(model.value, ids, att, self.value_depth, groups)
+                return scores, model.values(ids, att, n_resp, trunk=trunks["value"], groups=groups), t_score
 
         def policy_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             with self.acc.autocast():
-                trunk = trunks["policy"] = self._trunk(model.policy, ids, att, self.policy_depth)
+                trunk = trunks["policy"] = self._trunk(model.policy, ids, att, self.policy_depth, groups)
                 if g.logprobs is not None:  # recorded while sampling: no second pass over the policy
                     logp = g.logprobs[:, :n_resp].to(self.device)
                     entropy = g.entropy[:, :n_resp].to(self.device)
@@ -204,11 +238,11 @@ class Collector:
                         if g.prompt_state is not None:
                             logits = model.policy_logits(rest, att, n_resp, g.prompt_state)
                         else:
-                            logits = model.policy_logits(ids, att, n_resp, trunk=trunk)
+                            logits = model.policy_logits(ids, att, n_resp, trunk=trunk, groups=groups)
                         logp = core.logprobs_of(logits, response, cfg.temperature)
                     entropy = core.entropy_of(logits.detach(), cfg.temperature)
                     del logits
-                return logp, entropy, self.reference.logprobs(model.policy, ids, att, response, n_resp, trunk)
+                return logp, entropy, self.reference.logprobs(model.policy, ids, att, response, n_resp, trunk, groups)
 
         (scores, values, t_score), (logp, entropy, ref_logp) = self.runner.run(score_and_values,
                                                                               policy_and_reference)
@@ -224,16 +258,17 @@ class Collector:
                        actions=actions, agree=agree, entropy_decision=entropy_decision,
                        teacher_actions=[_teacher_action(p) for p in prompts],
                        reward_parts=self.reward_parts(), t_gen=t_gen, t_score=t_score, t_fwd=t_fwd,
-                       graphs=graphs, policy_trunk=trunks["policy"], value_trunk=trunks["value"])
+                       graphs=graphs, policy_trunk=trunks["policy"], value_trunk=trunks["value"], groups=groups)
 
     @staticmethod
-    def _trunk(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, depth: int) -> Trunk | None:
+    def _trunk(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, depth: int,
+               groups: PromptGroups | None) -> Trunk | None:
         """The output of the model's `depth` frozen layers over the batch (no graph: nothing below
         trains), or None when it has none."""
         if not depth:
             return None
         with torch.no_grad():
-            return trunk_states(model, ids, att, depth)
+            return trunk_states(model, ids, att, depth, groups)
 
     def _response_mask(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask [B, T] long, has_stop [B] bool): up to and including the stop token, or everything

@@ -37,7 +37,7 @@ from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.metrics import CollapseWatch, check_row, final_metrics, logged_rows, plot_ppo_curves, rollout_stats
 from rlhf.ppo.models import PolicyAndValue, load_models
 from rlhf.ppo.parallel import make_runner
-from rlhf.ppo.rollout import Collector, Minibatch, Prompt, PromptStream, Rollout
+from rlhf.ppo.rollout import Collector, Minibatch, Prompt, PromptStream, Rollout, rows_kept_together
 from rlhf.rewards import build_reward
 from rlhf.training import quiet_transformers
 
@@ -77,6 +77,7 @@ class PPOTrainer:
             gc.collect()
             gc.freeze()  # the model's many objects never become garbage: stop rescanning them
         self.num_updates = cfg.total_episodes // cfg.batch_size
+        self.group = rows_kept_together(cfg, self.world)  # a prompt's samples share each minibatch
         self._policy_params = [p for p in self.model.policy.parameters() if p.requires_grad]
         self._value_params = [p for p in self.model.value.parameters() if p.requires_grad]
         optimizers = [_adamw(params, cfg.learning_rate) for params in (self._policy_params, self._value_params)]
@@ -191,7 +192,7 @@ class PPOTrainer:
         graphs = batch.take_graphs()  # the rollout's forwards: the first step's, rows in order
         stats: dict[str, list[float]] = {k: [] for k in (*LOSS_STATS, *NORM_STATS)}
         for epoch in range(cfg.num_ppo_epochs):
-            perm = torch.randperm(n, generator=gen)
+            perm = _shuffled_rows(n, self.group, gen)
             if graphs is not None and epoch == 0:
                 perm = torch.arange(n)  # one minibatch: the order only changes the float rounding
             stop_epoch = False
@@ -227,7 +228,7 @@ class PPOTrainer:
         values); else each half runs its own, or, with several processes, one forward runs both."""
         with self.acc.no_sync(self.model) if not sync else nullcontext():
             if graphs is None and self.world > 1:  # DDP averages gradients only through its own forward
-                logits, values = self.model(mb.ids, mb.att, mb.n_resp, mb.policy_trunk, mb.value_trunk)
+                logits, values = self.model(mb.ids, mb.att, mb.n_resp, mb.policy_trunk, mb.value_trunk, mb.groups)
                 graphs = core.logprobs_of(logits, mb.response, self.cfg.temperature), values
             new_logp, values = graphs if graphs is not None else (None, None)
             return self.runner.run(partial(self._value_half, mb, values, update),
@@ -239,7 +240,7 @@ class PPOTrainer:
         cfg = self.cfg
         if new_logp is None:
             with self.acc.autocast():
-                logits = self.inner.policy_logits(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk)
+                logits = self.inner.policy_logits(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk, groups=mb.groups)
             new_logp = core.logprobs_of(logits, mb.response, cfg.temperature)
         pg_loss, pst = core.policy_loss(new_logp, mb.logp, mb.advantages, mb.mask, cfg.cliprange)
         _check_finite(pg_loss, update)
@@ -253,7 +254,7 @@ class PPOTrainer:
         cfg = self.cfg
         if values is None:
             with self.acc.autocast():
-                values = self.inner.values(mb.ids, mb.att, mb.n_resp, trunk=mb.value_trunk)
+                values = self.inner.values(mb.ids, mb.att, mb.n_resp, trunk=mb.value_trunk, groups=mb.groups)
         vf_loss, vst = core.value_loss(values, mb.values, mb.returns, mb.mask, cfg.cliprange_value)
         _check_finite(vf_loss, update)
         self.acc.backward(cfg.vf_coef * vf_loss / cfg.gradient_accumulation_steps)
@@ -353,6 +354,14 @@ def _check_batch(cfg: PPOConfig, world: int) -> None:
         raise UserError(f"batch_size ({cfg.batch_size}) must be divisible by processes x num_mini_batches x "
                         f"gradient_accumulation_steps ({world} x {cfg.num_mini_batches} x "
                         f"{cfg.gradient_accumulation_steps})")
+
+
+def _shuffled_rows(n: int, group: int, gen: torch.Generator) -> torch.Tensor:
+    """A random order of the n rows, in whole groups of `group` consecutive rows (a prompt's samples:
+    its group baseline and, with share_prompts, its one sequence stay in one minibatch)."""
+    if group == 1:
+        return torch.randperm(n, generator=gen)
+    return (torch.randperm(n // group, generator=gen)[:, None] * group + torch.arange(group)).flatten()
 
 
 def _adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
