@@ -39,7 +39,7 @@ class Generated:
 def generate(model: Any, tok: Any, prompts: list[Messages], *, max_new_tokens: int,
              do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              prompt_ids: list[list[int]] | None = None, record_logprobs: bool = False,
-             keep_prompt_state: bool = False, prompt_state_grad: bool = False) -> Generated:
+             keep_prompt_state: bool = False, prompt_state_grad: bool = False, group: int = 1) -> Generated:
     """Sample (or greedily decode) answers, one token per step with the keys and values kept, until
     every row has stopped; `prompt_ids`: the prompts already rendered and tokenized.
 
@@ -53,14 +53,20 @@ def generate(model: Any, tok: Any, prompts: list[Messages], *, max_new_tokens: i
     keep_prompt_state (models where rlhf.models.decoder.supports_lean holds): also return the keys and
     values of every prompt token but the last, computed with gradients if `prompt_state_grad`, so a
     forward over the rest (the last prompt token and the response) can continue from them instead of
-    running the prompt again."""
+    running the prompt again.
+
+    group: the rows come in runs of `group` with one prompt (a prompt's samples); on lean models
+    without keep_prompt_state, each prompt's first forward runs once for its run."""
     stops = stop_token_ids(tok)
     query, query_mask = left_pad(prompt_ids or chat_prompt_ids(tok, prompts), tok.pad_token_id)
     device = next(model.parameters()).device
     warpers = _warpers(do_sample, top_k, top_p)
     stop_ids = torch.tensor(stops, device=device)
     att = query_mask.to(device)
-    logits, past, prompt_state = _prompt_forward(model, query, att, keep_prompt_state, prompt_state_grad)
+    if group > 1 and not keep_prompt_state and supports_lean(model):
+        (logits, past), prompt_state = _shared_prompt_forward(model, query, att, group), None
+    else:
+        logits, past, prompt_state = _prompt_forward(model, query, att, keep_prompt_state, prompt_state_grad)
     finished = torch.zeros(len(query), dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
@@ -110,6 +116,16 @@ def _prompt_forward(model: Any, query: torch.Tensor, att: torch.Tensor, keep_pro
     else:
         logits, past = next_token_logits(model, query.to(device), att)
     return logits, past, prompt_state
+
+
+def _shared_prompt_forward(model: Any, query: torch.Tensor, att: torch.Tensor, group: int) -> tuple[torch.Tensor, Any]:
+    """The first step's logits and keys and values of rows in runs of `group` with one prompt,
+    computed once per run and repeated to its rows (the prompt is the longest forward of sampling)."""
+    if len(query) % group or not torch.equal(query, query[::group].repeat_interleave(group, 0)):
+        raise ValueError(f"rows do not come in runs of {group} with one prompt")
+    logits, past = next_token_logits(model, query[::group].to(att.device), att[::group])
+    return logits.repeat_interleave(group, 0), [(k.repeat_interleave(group, 0), v.repeat_interleave(group, 0))
+                                                for k, v in past]
 
 
 def _sample(logits: torch.Tensor, temperature: float, warpers: list[Any], record_logprobs: bool,

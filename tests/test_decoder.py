@@ -12,6 +12,7 @@ from rlhf.models.decoder import (
     head_outputs,
     next_token_logits,
     position_ids_of,
+    shared_depth,
     supports_lean,
     trunk_states,
 )
@@ -191,6 +192,22 @@ def test_frozen_depth_counts_the_layers_below_any_training() -> None:
     top = _model("Qwen2", "CausalLM").requires_grad_(False)
     top.model.layers[1].mlp.requires_grad_(True)  # full fine-tuning of the top layer's MLP
     assert frozen_depth(top) == 1
+
+
+def test_shared_depth_finds_the_bottom_layers_two_models_hold_alike_and_a_trunk_continues() -> None:
+    policy, value = _model("Qwen2", "CausalLM"), _model("Qwen2", "SequenceClassification")
+    value.model.load_state_dict(policy.model.state_dict())  # a classifier on the policy's backbone
+    assert shared_depth(policy, value, 2) == 2 and shared_depth(policy, value, 1) == 1
+    with torch.no_grad():
+        value.model.layers[1].mlp.down_proj.weight[0, 0] += 1e-3
+    assert shared_depth(policy, value, 2) == 1
+    ids, att = _batch()  # the policy's one-layer trunk, continued through the value model's own layer 1
+    continued = trunk_states(value, ids, att, 2, start=trunk_states(policy, ids, att, 1))[1]
+    torch.testing.assert_close(continued, trunk_states(value, ids, att, 2)[1])
+    assert not torch.allclose(continued, trunk_states(policy, ids, att, 2)[1])
+    with torch.no_grad():
+        value.model.embed_tokens.weight[3, 0] += 1e-3
+    assert shared_depth(policy, value, 2) == 0
 
 
 @pytest.mark.parametrize("arch", ["Qwen2", "GPT2"])

@@ -360,8 +360,9 @@ def test_frozen_trunk_runs_once_per_rollout_and_gives_the_same_updates(tmp_path:
     bottom_runs["n"] = 0
     run(build(PPOConfig, {**args, "output_dir": str(tmp_path / "plain"), "cache_trunk": False}, "t"))
     # per update, besides sampling (the same in both): without the trunks the policy, the reference and
-    # the value model after sampling, then 2 epochs x 2 minibatches x 2 models; with them 2 passes
-    assert bottom_runs["n"] - cached == 2 * (3 + 8 - 2)
+    # the value model after sampling, then 2 epochs x 2 minibatches x 2 models; with them 1 pass, as
+    # the value model starts from the policy's base here and holds its bottom layer alike
+    assert bottom_runs["n"] - cached == 2 * (3 + 8 - 1)
     _same_updates(tmp_path / "trunk", tmp_path / "plain")
 
 
@@ -453,6 +454,33 @@ def test_sampling_records_what_a_forward_pass_gives(tiny_stack: dict[str, str], 
     if top_k:  # drawn from the top k only, yet scored under the whole distribution
         rank = (logits > logits.gather(-1, g.response.unsqueeze(-1))).sum(-1)
         assert int((rank * mask).max()) < top_k
+
+
+def test_a_prompts_samples_run_its_prompt_once_and_draw_the_same_answers(tiny_stack: dict[str, str]) -> None:
+    """generate(group=3) on prompts in runs of 3: the prompt's forward runs on one row per run, and
+    the answers drawn (same seed) and their log-probs are those of running every row."""
+    from rlhf.generation import generate
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.models.decoder import decoder_backbone
+
+    tok = load_tokenizer(tiny_stack["sft"], padding_side="left")
+    model = load_causal_lm(tiny_stack["sft"]).eval()
+    prompts = [[{"role": "user", "content": f"A chip measures [length, width, height] = [{i}, 20, {3 * i}] mm. "
+                                            "Recommend an adjustment as JSON."}]
+               for i in (1, 12, 123) for _ in range(3)]
+    rows: list[int] = []
+    decoder_backbone(model).layers[0].mlp.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    runs = []
+    for group in (1, 3):
+        rows.clear()
+        torch.manual_seed(0)
+        runs.append(generate(model, tok, prompts, max_new_tokens=12, do_sample=True, temperature=0.7,
+                             record_logprobs=True, group=group))
+        assert rows[0] == 9 // group and set(rows[1:]) == {9}  # the prompt once per run, then every row
+    assert runs[0].texts == runs[1].texts and len(set(runs[1].texts)) > 3
+    torch.testing.assert_close(runs[1].logprobs, runs[0].logprobs, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="runs of 2"):
+        generate(model, tok, prompts[:4], max_new_tokens=4, do_sample=True, group=2)
 
 
 def test_run_frees_the_trainer_and_its_models(tiny_stack: dict[str, str], tmp_path: Path,

@@ -195,11 +195,35 @@ def frozen_depth(model: nn.Module) -> int:
     return len(backbone.layers)
 
 
+def shared_depth(a: nn.Module, b: nn.Module, limit: int) -> int:
+    """How many bottom layers (the embeddings too) two lean models hold the same weights in, up to
+    `limit`: their trunks up to there are one computation. A value model started from a reward model
+    that trained LoRA on the SFT policy's top 16 of 30 layers shares its bottom 14 with the policy."""
+    if not limit:
+        return 0
+    first, second = decoder_backbone(a), decoder_backbone(b)
+    if not all(_same_weights(getattr(first, name), getattr(second, name)) for name in ("embed_tokens", "rotary_emb")):
+        return 0
+    for i in range(limit):
+        if not _same_weights(first.layers[i], second.layers[i]):
+            return i
+    return limit
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    ours, theirs = dict(a.state_dict(keep_vars=True)), dict(b.state_dict(keep_vars=True))
+    return ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k])
+        for k in ours)
+
+
 def trunk_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int,
-                 groups: PromptGroups | None = None) -> Trunk:
-    """The trunk of left-padded inputs: the hidden states entering layer `depth` (see decoder_hidden)."""
+                 groups: PromptGroups | None = None, start: Trunk | None = None) -> Trunk:
+    """The trunk of left-padded inputs: the hidden states entering layer `depth` (see decoder_hidden);
+    from `start`, a shallower trunk, only the layers between run."""
     seq = (input_ids if groups is None else groups.ids).shape[1]
-    return depth, decoder_hidden(model, input_ids, attention_mask, seq, stop_layer=depth, groups=groups)[0]
+    return depth, decoder_hidden(model, input_ids, attention_mask, seq, trunk=start, stop_layer=depth,
+                                 groups=groups)[0]
 
 
 def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,

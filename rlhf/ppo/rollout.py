@@ -26,6 +26,7 @@ from rlhf.models.decoder import (
     frozen_depth,
     group_prompts,
     key_values,
+    shared_depth,
     supports_lean,
     trunk_states,
 )
@@ -190,6 +191,8 @@ class Collector:
         self.split_prompt = runner.parallel and supports_lean(model.policy) and supports_lean(model.value)
         self.policy_depth = frozen_depth(model.policy) if cfg.cache_trunk else 0
         self.value_depth = frozen_depth(model.value) if cfg.cache_trunk else 0
+        # the bottom layers both models hold unchanged (the reward model's LoRA sits on top): run once for both
+        self.common_depth = shared_depth(model.policy, model.value, min(self.policy_depth, self.value_depth))
         # a prompt's samples run as one sequence in every forward after sampling (micro-batches hold whole groups)
         self.group_size = cfg.samples_per_prompt if share_prompts(cfg, model, world) else 1
 
@@ -215,21 +218,24 @@ class Collector:
         t1 = time.perf_counter()
         if reuse:
             model.train()  # as in the update (dropout is off, so the numbers are the same either way)
+        with self.acc.autocast():
+            common = self._trunk(model.policy, ids, att, self.common_depth, groups)
         trunks: dict[str, Trunk | None] = {"policy": None, "value": None}
 
         def score_and_values() -> tuple[torch.Tensor, torch.Tensor, float]:
+            t_start = time.perf_counter()
             with torch.no_grad():  # grad mode is per thread: this may run on the side thread
                 scores = self.score(prompts, g.texts, has_stop)
-            t_score = time.perf_counter() - t1
+            t_score = time.perf_counter() - t_start
             with torch.set_grad_enabled(reuse), self.acc.autocast():
                 if value_state is not None:
                     return scores, model.values(rest, att, n_resp, value_state), t_score
-                trunks["value"] = self._trunk(model.value, ids, att, self.value_depth, groups)
+                trunks["value"] = self._trunk(model.value, ids, att, self.value_depth, groups, common)
                 return scores, model.values(ids, att, n_resp, trunk=trunks["value"], groups=groups), t_score
 
         def policy_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             with self.acc.autocast():
-                trunk = trunks["policy"] = self._trunk(model.policy, ids, att, self.policy_depth, groups)
+                trunk = trunks["policy"] = self._trunk(model.policy, ids, att, self.policy_depth, groups, common)
                 if g.logprobs is not None:  # recorded while sampling: no second pass over the policy
                     logp = g.logprobs[:, :n_resp].to(self.device)
                     entropy = g.entropy[:, :n_resp].to(self.device)
@@ -262,13 +268,15 @@ class Collector:
 
     @staticmethod
     def _trunk(model: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, depth: int,
-               groups: PromptGroups | None) -> Trunk | None:
+               groups: PromptGroups | None, start: Trunk | None = None) -> Trunk | None:
         """The output of the model's `depth` frozen layers over the batch (no graph: nothing below
-        trains), or None when it has none."""
+        trains), or None when it has none; from `start` (a shallower trunk of the same weights) on."""
         if not depth:
             return None
+        if start is not None and start[0] == depth:
+            return start
         with torch.no_grad():
-            return trunk_states(model, ids, att, depth, groups)
+            return trunk_states(model, ids, att, depth, groups, start)
 
     def _response_mask(self, response: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask [B, T] long, has_stop [B] bool): up to and including the stop token, or everything
@@ -308,7 +316,8 @@ class Collector:
             return generate(self.model.policy, self.tok, prompts, max_new_tokens=cfg.response_length,
                             do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                             prompt_ids=prompt_ids, record_logprobs=record, keep_prompt_state=keep_prompt_state,
-                            prompt_state_grad=self.reuse_forward)
+                            prompt_state_grad=self.reuse_forward,
+                            group=cfg.samples_per_prompt if cfg.share_prompts else 1)
 
     def _decisions(self, prompts: list[Prompt], texts: list[str], has_stop: torch.Tensor, response: torch.Tensor,
                    mask: torch.Tensor, entropy: torch.Tensor) -> tuple[list[str | None], list[bool], float]:
