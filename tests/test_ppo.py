@@ -549,6 +549,21 @@ def test_resume_refuses_changed_settings_and_resume_false_starts_over(tiny_stack
     assert [r["update"] for r in logged(out)] == [1, 2, 3, 4]  # the earlier run's rows are gone
 
 
+def test_a_finished_constant_schedule_run_continues_to_more_episodes_as_one_run(tiny_stack: dict[str, str],
+                                                                                tmp_path: Path) -> None:
+    """With lr_schedule constant no step depends on total_episodes: rerunning a finished run with more
+    resumes it, and ends as a run that had the larger budget from the start. Fewer are refused."""
+    over = {"total_episodes": 32, "save_every": 1, "eval_prompts": 0, "lr_schedule": "constant"}
+    run(build(PPOConfig, ppo_args(tiny_stack, tmp_path / "whole", **over), "t"))
+    out = tmp_path / "extended"
+    run(build(PPOConfig, ppo_args(tiny_stack, out, **{**over, "total_episodes": 16}), "t"))
+    longer = run(build(PPOConfig, ppo_args(tiny_stack, out, **over), "t"))
+    assert longer["resumed_from_update"] == 2 and longer["updates"] == 4
+    assert logged(out) == logged(tmp_path / "whole")
+    with pytest.raises(UserError, match=r"total_episodes 32 -> 16"):
+        run(build(PPOConfig, ppo_args(tiny_stack, out, **{**over, "total_episodes": 16}), "t"))
+
+
 def test_a_policy_folder_rlhf_did_not_write_is_refused_before_training(tiny_stack: dict[str, str],
                                                                        tmp_path: Path) -> None:
     out = tmp_path / "ppo"

@@ -63,6 +63,9 @@ def check_same_settings(ck: Path, saved: dict[str, Any] | None, cfg: PPOConfig) 
                         f"trainings; pass {FRESH}")
     now = json.loads(json.dumps(cfg.training_settings()))  # as state.json holds them
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if saved.get("lr_schedule") == now.get("lr_schedule") == "constant":
+        # no step depends on where a constant schedule ends: more episodes continue the same run
+        changed = [k for k in changed if not (k == "total_episodes" and now[k] > saved[k])]
     if changed:
         shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
