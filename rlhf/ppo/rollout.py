@@ -165,13 +165,15 @@ def _trunk_rows(trunk: Trunk | None, idx: torch.Tensor) -> Trunk | None:
 class Collector:
     """Samples, scores and evaluates a batch of prompts with the current policy and shapes its rewards.
 
-    Three shortcuts, all same math, all on where set-up allows and tested against the plain way:
+    Shortcuts, all same math, all on where set-up allows and tested against the plain way:
     `reuse_forward` keeps the rollout's policy and value forwards with their graphs for the first
     PPO step (one minibatch, one process); `split_prompt` lets the value model read the prompts on
     the side thread while the policy samples, and the policy keep its prompt state from sampling,
     so the forwards after sampling run only the last prompt token and the response; the trunks
     (cache_trunk, adapters on the top layers only) run each model's frozen bottom layers once over
-    the batch, for the policy, the reference and every PPO epoch (it replaces split_prompt there)."""
+    the batch, for the policy, the reference and every PPO epoch (it replaces split_prompt there),
+    and the bottom layers the policy and the value model hold alike once for both. With
+    share_prompts, a prompt's samples run as one sequence (`PromptGroups`) in all of these."""
 
     def __init__(self, cfg: PPOConfig, acc: Any, model: PolicyAndValue, reference: Reference, tok: Any,
                  stops: list[int], runner: Runner, score: ScoreFn, reward_parts: Callable[[], dict[str, float]],
