@@ -5,14 +5,16 @@ or served by Ollama (`--ollama_models chip-advisor`, asked through the project's
 For each model, on the first `n` prompts of the test split:
   agreement_greedy / json_valid_greedy  greedy answers (Ollama: temperature 0) judged by the rule teacher
   agreement_sampled / json_valid_sampled sampled at `temperature` (seeded)
-  reward_mean       mean reward-model score of the sampled answers, standardised as PPO does
+  reward_mean       mean reward of the sampled answers under `rewards`, PPO's weighted sources built by
+                    `rlhf.rewards.build_reward` (reward-model scores standardised as PPO does); the
+                    pipeline passes PPO's own mix, so the column is the reward PPO optimised
   kl_to_reference   mean over prompts of sum over the sampled answer's tokens of
                     log p_model - log p_ref, both at `temperature` as in PPO (local models only)
   mean_length       tokens of the greedy answers
 A table is printed and the same numbers are written to metrics.json as {"models": {name: {...}}}.
 Local models are evaluated by `rlhf.generation.evaluate_model`, the evaluation `rlhf sft` and
 `rlhf ppo` report too; answers are judged by `rlhf.generation.judge_answers` and scored by
-`rlhf.rewards.model.ModelReward`, as PPO's `model` reward source scores them.
+`rlhf.rewards.build_reward`, as PPO scores them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from rlhf.generation import Generated, evaluate_model, judge_answers
 from rlhf.io import write_metrics
 from rlhf.models import ModelOptions, load_causal_lm, load_tokenizer, stop_token_ids
 from rlhf.models.precision import DTYPE_HELP
-from rlhf.rewards.model import ModelReward
+from rlhf.rewards import MixedReward, build_reward, check_reward_weights
 from rlhf.training import quiet_transformers, seed_everything
 
 Messages = list[dict[str, str]]
@@ -46,7 +48,11 @@ class EvalConfig:
     output_dir: str = field("runs/eval", help="where metrics.json goes")
     seed: int = field(0, help="seed of the sampled answers (the same for every model)", **SEED)
     n: int = field(200, help="held-out prompts (the first n of the test split)", min=1)
-    reward_model: str = field("", help="reward model for reward_mean (empty: not measured)")
+    reward_model: str = field("", help="reward model of the 'model' reward source (empty: reward_mean is not "
+                                       "measured when `rewards` uses it)")
+    rewards: dict = field({"model": 1.0}, help="weighted reward sources of reward_mean, as PPO's `rewards`: "
+                                              "model, rule, bonus, format, ollama ({}: not measured)")
+    judge_model: str = field("qwen2.5:7b", help="Ollama judge of the 'ollama' reward source")
     reference: str = field("", help="reference model for kl_to_reference, usually the SFT model (empty: not measured)")
     ollama_models: list[str] = field([], help="models served by Ollama, comma-separated: name or label=ollama_name")
     ollama_host: str = field("", help="Ollama host(s), comma-separated (default $OLLAMA_HOST)")
@@ -63,6 +69,15 @@ class EvalConfig:
     def validate(self) -> None:
         if not any(m.strip() for m in self.models) and not any(m.strip() for m in self.ollama_models):
             raise UserError("nothing to evaluate: pass --models name=PATH,... and/or --ollama_models NAME,...")
+        if self.rewards:  # {}: reward_mean not measured
+            check_reward_weights(self.rewards)
+
+    def scorer(self) -> MixedReward | None:
+        """reward_mean's reward, or None where it cannot be measured (no reward model for 'model')."""
+        if not self.rewards or ("model" in self.rewards and not self.reward_model):
+            return None
+        return build_reward(self.rewards, reward_model=self.reward_model, ollama_model=self.judge_model,
+                            ollama_host=self.ollama_host or None, dtype=self.dtype, normalize=self.normalize_reward)
 
 
 def parse_named(items: list[str], what: str) -> dict[str, str]:
@@ -102,7 +117,7 @@ def _same_vocab(a: Any, b: Any) -> bool:
     return len(a) == len(b) and a.get_vocab() == b.get_vocab()
 
 
-def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: ModelReward | None,
+def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: MixedReward | None,
                reference: tuple[Any, Any] | None) -> dict[str, Any]:
     from rlhf.ppo.core import response_mask
 
@@ -135,7 +150,7 @@ def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: Mode
     }
 
 
-def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: ModelReward | None,
+def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: MixedReward | None,
                 length_tok: Any) -> dict[str, Any]:
     """A model served by Ollama: greedy = temperature 0; sampled = `temperature` with a fixed seed."""
     from rlhf.ollama.pool import OllamaPool
@@ -194,8 +209,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         raise UserError(f"the name {sorted(clash)[0]!r} is given to a local and an Ollama model; rename one")
     rows = load_rows(resolve_split(cfg.data, "test"), PROMPT_COLUMNS)[: cfg.n]
     prompts = [r["prompt"] for r in rows]
-    scorer = (ModelReward(cfg.reward_model, dtype=cfg.dtype, normalize=cfg.normalize_reward)
-              if cfg.reward_model else None)
+    scorer = cfg.scorer()
     reference = None
     if cfg.reference:
         ref_model = load_causal_lm(cfg.reference, ModelOptions(dtype=cfg.dtype, use_lora=False), merge_lora=True)
@@ -208,13 +222,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
             results[name]["note"] = "no KL: the tokenizer differs from the reference's"
         results[name]["seconds"] = round(time.time() - t, 2)
         print(f"eval {name}: agreement {results[name]['agreement_greedy']:.3f} ({time.time() - t:.0f} s)", flush=True)
-    length_tok = reference[1] if reference else (scorer.tok if scorer else None)
+    length_tok = reference[1] if reference else (load_tokenizer(cfg.reward_model) if cfg.reward_model else None)
     for label, name in served.items():
         t = time.time()
         results[label] = eval_ollama(name, prompts, cfg, scorer, length_tok)
         results[label]["seconds"] = round(time.time() - t, 2)
     metrics = {"models": results, "n": len(prompts), "data": cfg.data, "reference": cfg.reference or None,
-               "reward_model": cfg.reward_model or None, "temperature": cfg.temperature,
+               "reward_model": cfg.reward_model or None, "rewards": cfg.rewards if scorer else None,
+               "temperature": cfg.temperature,
                "wall_seconds": round(time.time() - start, 2)}
     print(f"\nheld-out chips: {len(prompts)} (agree@T, json@T: sampled at T={cfg.temperature})")
     print(format_table(results))

@@ -154,6 +154,9 @@ def plan(cfg: PipelineConfig) -> list[Stage]:
                                 "remove it")
         sec = {field_name(k): v for k, v in sec.items()}  # so the wiring and shared keys below see `key-name` too
         fields = {f.name for f in dataclasses.fields(cls)}
+        if name == "eval":  # eval's reward column is the reward PPO optimised, unless the section says otherwise
+            ppo = next(s.cfg for s in stages if s.name == "ppo")
+            wiring[name].update(rewards=ppo.rewards, judge_model=ppo.ollama_model)
         values: dict[str, Any] = {k: v for k, v in wiring[name].items() if k not in sec}
         for key in SHARED:
             if key in fields and key not in sec and getattr(cfg, key) is not None:

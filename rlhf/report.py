@@ -236,8 +236,11 @@ def _eval_table(run: _Run, models: dict[str, Any]) -> list[str]:
     from rlhf.evaluate import COLUMNS
 
     ev = run.m["eval"] or {}
+    rewards = ev.get("rewards")
+    reward = (f"reward: {' + '.join(f'{w:g} x {k}' for k, w in rewards.items())} on the sampled answers, as in PPO"
+              if rewards else "reward: not measured")
     lines = [f"{_fmt(ev.get('n'))} held-out chips; sampled at T={_fmt(ev.get('temperature'), 2)}; "
-             "reward standardised as in PPO; KL to the reference (the PPO start) summed over answer tokens.", "",
+             f"{reward}; KL to the reference (the PPO start) summed over answer tokens.", "",
              "| model | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     lines += [f"| {name} | " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |" for name, r in models.items()]

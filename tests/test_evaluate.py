@@ -122,12 +122,34 @@ def test_deterministic_and_optional_measures(assets, tmp_path):
     assert first["reward_mean"] is None and first["kl_to_reference"] is None  # not asked for
 
 
+def test_reward_mean_is_the_configured_mix_of_reward_sources(assets, tmp_path):
+    cfg = EvalConfig(models=[f"b={assets['b']}"], data=assets["data"], n=6, max_new_tokens=12,
+                     reward_model=assets["rm"], output_dir=str(tmp_path / "mix"))
+    by_model = run(cfg)["models"]["b"]["reward_mean"]
+    mixed = run(EvalConfig(**{**cfg.__dict__, "rewards": {"rule": 1.0, "model": 0.5},
+                              "output_dir": str(tmp_path / "mix2")}))
+    assert mixed["rewards"] == {"rule": 1.0, "model": 0.5}
+    # the mix is rule + half the model's score, on the same sampled answers as the model-only run
+    rule_only = run(EvalConfig(**{**cfg.__dict__, "rewards": {"rule": 1.0}, "output_dir": str(tmp_path / "r")}))
+    assert mixed["models"]["b"]["reward_mean"] == pytest.approx(
+        rule_only["models"]["b"]["reward_mean"] + 0.5 * by_model, abs=1e-5)
+    # the rule needs no reward model; {} measures nothing
+    no_rm = EvalConfig(**{**cfg.__dict__, "reward_model": "", "rewards": {"rule": 1.0},
+                          "output_dir": str(tmp_path / "n")})
+    assert run(no_rm)["models"]["b"]["reward_mean"] == rule_only["models"]["b"]["reward_mean"]
+    none = run(EvalConfig(**{**cfg.__dict__, "rewards": {}, "output_dir": str(tmp_path / "e")}))
+    assert none["models"]["b"]["reward_mean"] is None and none["rewards"] is None
+
+
 def test_bad_inputs_are_one_line_errors(assets, tmp_path, capsys):
     assert main(["eval", "--data", assets["data"], "--output_dir", str(tmp_path)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", "--models", f"x={assets['a']},x={assets['b']}", "--data", assets["data"],
                  "--output_dir", str(tmp_path)]) == 2
     assert "used twice" in capsys.readouterr().err
+    assert main(["eval", "--models", f"a={assets['a']}", "--data", assets["data"], "--rewards", "{rule: 1, vibes: 2}",
+                 "--output_dir", str(tmp_path)]) == 2
+    assert "unknown reward source 'vibes'" in capsys.readouterr().err
     with LoopbackOllama(faults=Faults(unknown_model={"ghost"})) as server:
         rc = main(["eval", "--ollama_models", "ghost", "--ollama_host", server.url, "--data", assets["data"],
                    "--output_dir", str(tmp_path)])

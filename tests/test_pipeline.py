@@ -273,6 +273,20 @@ def _planned(run: Path, *args: str) -> list:
     return plan(cfg)
 
 
+def test_eval_scores_with_the_reward_ppo_optimised(tmp_path):
+    cfg = tiny_config()
+    cfg["ppo"] = {**cfg.get("ppo", {}), "rewards": {"rule": 1.0, "model": 0.5}, "ollama_model": "judge:1b"}
+    path = write_config(tmp_path / "mix.yaml", cfg)
+    stages = {s.name: s.cfg for s in plan(parse(PipelineConfig, ["--config", str(path), "--output_dir",
+                                                                 str(tmp_path / "run")], "pipeline"))}
+    assert stages["eval"].rewards == {"rule": 1.0, "model": 0.5} and stages["eval"].judge_model == "judge:1b"
+    cfg["eval"] = {**cfg.get("eval", {}), "rewards": {"model": 1.0}}  # the section still decides
+    path = write_config(tmp_path / "own.yaml", cfg)
+    stages = {s.name: s.cfg for s in plan(parse(PipelineConfig, ["--config", str(path), "--output_dir",
+                                                                 str(tmp_path / "run")], "pipeline"))}
+    assert stages["eval"].rewards == {"model": 1.0}
+
+
 def test_which_stage_folders_the_pipeline_may_delete(tmp_path):
     from rlhf.errors import UserError
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,14 +10,13 @@ from rlhf.config import SEED, field
 from rlhf.errors import UserError
 from rlhf.models import ModelOptions
 from rlhf.models.load import check_train_layers
+from rlhf.rewards import check_reward_weights
 
 # Keys a resumed run may change: outputs, logging, checkpoint cadence, threading. Any other
 # difference from the checkpoint's settings would silently mix two trainings.
 NOT_TRAINING = frozenset({"output_dir", "resume", "overwrite", "log_every", "sample_every", "save_every",
                           "keep_checkpoints", "report_to", "eval_prompts", "collapse_share", "parallel_value",
                           "gc_freeze"})
-
-REWARD_SOURCES = ("model", "rule", "bonus", "format", "ollama")  # what rlhf.rewards.build_reward mixes
 
 
 @dataclass
@@ -123,15 +121,7 @@ class PPOConfig(ModelOptions):
 
     def validate(self) -> None:
         check_train_layers("ppo", self.train_layers, self.use_lora)
-        # checked here, not only in rlhf.rewards.build_reward: that runs after the policy has loaded
-        if not self.rewards:
-            raise UserError("--rewards is empty: give at least one source, e.g. --rewards '{model: 1.0}'")
-        for name, weight in self.rewards.items():
-            if name not in REWARD_SOURCES:
-                raise UserError(f"--rewards: unknown reward source {name!r}; use {', '.join(REWARD_SOURCES)}")
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
-                raise UserError(f"--rewards: the weight of {name!r} must be a finite number, got {weight!r}; "
-                                "e.g. --rewards '{model: 1.0}'")
+        check_reward_weights(self.rewards)  # here, not only in build_reward: that runs after the policy has loaded
         if self.batch_size % self.num_mini_batches:
             raise UserError(f"batch_size ({self.batch_size}) must be divisible by num_mini_batches "
                             f"({self.num_mini_batches})")

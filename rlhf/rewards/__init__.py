@@ -19,6 +19,7 @@ Each source maps (prompts, responses, has_stop) to one score per response:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -140,6 +141,21 @@ class MixedReward:
             self.last.update({f"{name}_{k}": v for k, v in getattr(fn, "last", {}).items()})
             total += weight * s
         return total
+
+
+REWARD_SOURCES = ("model", "rule", "bonus", "format", "ollama")
+
+
+def check_reward_weights(weights: dict[str, float]) -> None:
+    """A `rewards` mix names known sources with finite weights: one line naming the key otherwise."""
+    if not weights:
+        raise UserError("--rewards is empty: give at least one source, e.g. --rewards '{model: 1.0}'")
+    for name, weight in weights.items():
+        if name not in REWARD_SOURCES:
+            raise UserError(f"--rewards: unknown reward source {name!r}; use {', '.join(REWARD_SOURCES)}")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+            raise UserError(f"--rewards: the weight of {name!r} must be a finite number, got {weight!r}; "
+                            "e.g. --rewards '{model: 1.0}'")
 
 
 def build_reward(weights: dict[str, float], *, reward_model: str = "", device: Any = "cpu",
