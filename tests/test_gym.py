@@ -256,12 +256,20 @@ def test_training_logs_and_records_judge_failures(tmp_path: Path, capsys: pytest
 # -- training ----------------------------------------------------------------------------------------
 
 
-def test_short_training_beats_random_and_eval_reloads_without_pickle(tmp_path: Path) -> None:
+def test_short_training_beats_random_and_eval_reloads_without_pickle(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
     from rlhf.gym.train import GymEvalConfig, GymTrainConfig, load_agent, run_eval, run_train
 
     out = tmp_path / "agent"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where SB3's default logger would make a folder
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
     threads = torch.get_num_threads()
     m = run_train(GymTrainConfig(output_dir=str(out), total_timesteps=6144, eval_episodes=20, seed=0, torch_threads=1))
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("SB3")] == []  # no SB3 log folder left
     assert torch.get_num_threads() == threads  # its 1 thread is given back (the next stage in-process keeps its own)
     for key in ("mean_return", "random_mean_return", "oracle_mean_return", "gap_closed", "train_seconds"):
         assert key in m

@@ -267,6 +267,9 @@ def _train(cfg: GymTrainConfig) -> dict[str, Any]:
                 batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda,
                 ent_coef=cfg.ent_coef, policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=cfg.seed,
                 device="cpu", verbose=0)
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default logger leaves an empty /tmp/SB3-<date>
     t0 = time.perf_counter()
     model.learn(total_timesteps=cfg.total_timesteps)
     train_seconds = time.perf_counter() - t0
