@@ -149,3 +149,40 @@ def test_answer_entropy_bonus_alone_moves_the_policy(tiny_stack: dict[str, str],
 def test_answer_entropy_coef_must_not_be_negative() -> None:
     with pytest.raises(UserError, match="answer_entropy_coef"):
         build(PPOConfig, {"answer_entropy_coef": -0.5}, "t")
+
+
+def test_action_offsets_by_hand() -> None:
+    # 2 chips x 3 actions; chip means 2 and 5: leads [-1, 0, 1] and [2, -1, -1], means [0.5, -0.5, 0]
+    scores = torch.tensor([[1.0, 2.0, 3.0], [7.0, 4.0, 4.0]])
+    assert torch.allclose(core.action_offsets(scores), torch.tensor([0.5, -0.5, 0.0]))
+    assert torch.allclose(core.action_offsets(scores + torch.tensor([[10.0], [-3.0]])), torch.tensor([0.5, -0.5, 0.0]))
+    with pytest.raises(ValueError):
+        core.action_offsets(torch.ones(4))
+
+
+def _prefers_increase(prompts: list, texts: list[str], has_stop: torch.Tensor) -> torch.Tensor:
+    """A reward model that rates `increase` answers 1 higher on every chip, plus a chip-only part."""
+    return torch.tensor([float('"increase"' in t) + len(p[-1]["content"]) % 5 for p, t in zip(prompts, texts)])
+
+
+@pytest.mark.parametrize("chips", [0, 16])
+def test_action_offsets_take_a_per_action_preference_out_of_the_score(
+        tiny_stack: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chips: int) -> None:
+    """Probed before PPO, the reward's lead for `increase` (+2/3 over the chip's mean of three
+    answers) comes out of every `increase` answer's score: the answers PPO compares on a chip then
+    differ by what the chip decides, not by which action the reward model likes everywhere."""
+    from rlhf.chips import format_advice, rule_reason
+    from rlhf.ppo import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "build_reward", lambda *a, **k: _prefers_increase)
+    trainer = _trainer(tiny_stack, tmp_path / str(chips), action_offset_chips=chips, missing_eos_penalty=0.0)
+    prompt = trainer.stream.prompts[0]
+    answers = [format_advice(a, rule_reason(a)) for a in ("increase", "decrease", "no_change")] + ["not json"]
+    got = trainer.collect.score([prompt] * 4, answers, torch.ones(4, dtype=torch.bool))
+    base = len(prompt[-1]["content"]) % 5
+    if chips:
+        assert trainer.action_offsets == pytest.approx({"increase": 2 / 3, "decrease": -1 / 3, "no_change": -1 / 3})
+        assert got.tolist() == pytest.approx([base + 1 / 3] * 3 + [base])  # an invalid answer keeps its score
+    else:
+        assert trainer.action_offsets == {}
+        assert got.tolist() == pytest.approx([base + 1, base, base, base])

@@ -78,6 +78,11 @@ class PPOConfig(ModelOptions):
         0.0, min=0, help="bonus coef * -log(share of the answer's action in the batch), centred: ascends the entropy "
                   "of the batch's action mix, so no single answer takes over every prompt, while the policy "
                   "stays free to be sure per prompt (0: off)")
+    action_offset_chips: int = field(
+        0, min=0, help="before PPO, score each action's canonical answer on this many training chips and take each "
+                       "action's mean lead over the chip's mean out of its answers' scores: a reward model that "
+                       "prefers one action everywhere then gives no push toward that answer everywhere, only "
+                       "toward what each chip decides (0: off)")
     # optimisation
     learning_rate: float = field(1e-4, help="AdamW learning rate (policy and value)", gt=0)
     lr_schedule: Literal["constant", "linear"] = field("linear", help="learning-rate schedule over updates")

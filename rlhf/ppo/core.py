@@ -121,6 +121,18 @@ def centre_scores(scores: Tensor, mode: str, group_size: int = 1) -> Tensor:
     raise ValueError(f"score baseline must be 'none', 'batch' or 'group', got {mode!r}")
 
 
+def action_offsets(scores: Tensor) -> Tensor:
+    """Each action's mean lead over the chip's mean, from scores [n_chips, n_actions] of one answer
+    per action on each chip: offset_a = mean_c (s[c, a] - mean_a' s[c, a']).
+
+    A reward model that rates one action's answers higher on every chip has a positive offset for
+    it; subtracting it from that action's answers leaves what the chip decides (which action is
+    best *here*) and removes the push toward one answer everywhere. The offsets sum to zero."""
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(f"action offsets need scores [chips, actions >= 2], got shape {tuple(scores.shape)}")
+    return (scores - scores.mean(1, keepdim=True)).mean(0)
+
+
 def answer_entropy_bonus(classes: list[str | None], coef: float) -> Tensor:
     """A per-answer bonus whose policy gradient is coef * grad H(p), with p the batch's share of each
     answer class (an action here; None for an answer with no class, which gets 0).

@@ -36,8 +36,9 @@ from rlhf.ppo.checkpoint import Checkpoints, check_output_folders, save_outputs
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.metrics import CollapseWatch, check_row, final_metrics, logged_rows, plot_ppo_curves, rollout_stats
 from rlhf.ppo.models import PolicyAndValue, load_models
+from rlhf.ppo.offsets import OffsetScores, probe_action_offsets
 from rlhf.ppo.parallel import make_runner
-from rlhf.ppo.rollout import Collector, Minibatch, Prompt, PromptStream, Rollout, rows_kept_together
+from rlhf.ppo.rollout import Collector, Minibatch, Prompt, PromptStream, Rollout, ScoreFn, rows_kept_together
 from rlhf.rewards import build_reward
 from rlhf.training import quiet_transformers
 
@@ -91,8 +92,13 @@ class PPOTrainer:
         self.checkpoints = Checkpoints(self.acc, self.out, cfg)
         n_params = sum(p.numel() for p in self.inner.policy.parameters())
         self.runner = make_runner(cfg.parallel_value, self.world, self.device, n_params)
+        score: ScoreFn = self._score
+        self.action_offsets: dict[str, float] = {}
+        if cfg.action_offset_chips:  # the reward's lead per action, out of every score PPO sees
+            self.action_offsets = probe_action_offsets(self._score, self.stream.prompts, cfg.action_offset_chips)
+            score = OffsetScores(self._score, self.action_offsets)
         self.collect = Collector(cfg, self.acc, self.inner, self.reference, self.tok, self.stops, self.runner,
-                                 self._score, self._reward_parts, self.world)
+                                 score, self._reward_parts, self.world)
 
     @property
     def inner(self) -> PolicyAndValue:  # the model without its DDP wrapper
@@ -146,6 +152,7 @@ class PPOTrainer:
             "time_split_seconds": {k: round(v, 2) for k, v in timing.items()},
             "wall_seconds": round(time.time() - wall0, 2), "world_size": self.world,
             "resumed_from_update": self.start_update, "value_on_side_thread": self.runner.parallel,
+            "action_offsets": self.action_offsets or None,
         }
         metrics = final_metrics(logged_rows(self.out), last, before, after, run_numbers, self.collapse.first)
         if self.acc.is_main_process:
