@@ -204,6 +204,9 @@ def _ppo_summary(p: dict[str, Any]) -> list[str]:
     shares = p.get("action_share_after") or {}
     if shares:
         lines += ["Greedy answers after PPO: " + ", ".join(f"{a} {_fmt(v)}" for a, v in shares.items()) + ".", ""]
+    if p.get("action_offsets"):
+        lines += ["The reward's lead per action, taken out of each answer's score during PPO: "
+                  + ", ".join(f"{a} {v:+.2f}" for a, v in p["action_offsets"].items()) + ".", ""]
     if p.get("collapse_warning"):
         w = p["collapse_warning"]
         lines += [f"**Warning: collapse.** From update {w['update']}, {w['share']:.0%} of a batch answered "

@@ -37,7 +37,8 @@ def tiny_config(**ppo: Any) -> dict[str, Any]:
         "reward": {"use_lora": False, "learning_rate": 1e-3, "max_steps": 4, "per_device_train_batch_size": 16,
                    "warmup_steps": 0},
         "ppo": {"use_lora": False, "batch_size": 8, "total_episodes": 8 * UPDATES, "response_length": 24,
-                "eval_prompts": 10, "save_every": 2, "report_to": "none", "sample_every": 0, **ppo},
+                "eval_prompts": 10, "save_every": 2, "report_to": "none", "sample_every": 0,
+                "action_offset_chips": 8, **ppo},
         "eval": {"n": 20, "max_new_tokens": 24},
         "export": {"outtype": "f32", "progress": False},
     }
@@ -117,6 +118,9 @@ def test_every_stage_writes_its_outputs_and_the_report(reference_run):
     reward = json.loads((run / "reward" / "metrics.json").read_text())
     assert f"Held-out pair accuracy {reward['eval_accuracy']:.3f}" in report
     assert f"| ppo | {models['ppo']['agreement_greedy']:.3f} |" in report
+    offsets = json.loads((run / "ppo" / "metrics.json").read_text())["action_offsets"]
+    assert set(offsets) == {"increase", "decrease", "no_change"} and abs(sum(offsets.values())) < 1e-5
+    assert f"increase {offsets['increase']:+.2f}" in report  # the probe ran and the report says what it found
     assert "Missing" not in report
 
 

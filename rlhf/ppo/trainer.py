@@ -116,6 +116,9 @@ class PPOTrainer:
         if self.acc.is_main_process:
             scalars = {k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))}
             self.acc.init_trackers("ppo", config=scalars)
+        if self.action_offsets and self.acc.is_main_process:
+            tqdm.write("the reward's lead per action, taken out of each answer's score: "
+                       + ", ".join(f"{a} {v:+.2f}" for a, v in self.action_offsets.items()))
         bar = tqdm(range(self.start_update, self.num_updates), desc="ppo", disable=not self.acc.is_main_process,
                    initial=self.start_update, total=self.num_updates)
         t_train = 0.0
