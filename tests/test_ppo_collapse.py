@@ -186,3 +186,11 @@ def test_action_offsets_take_a_per_action_preference_out_of_the_score(
     else:
         assert trainer.action_offsets == {}
         assert got.tolist() == pytest.approx([base + 1, base, base, base])
+
+
+def test_action_offset_probe_refuses_prompts_without_chips() -> None:
+    from rlhf.ppo.offsets import probe_action_offsets
+
+    prompts = [[{"role": "user", "content": "Write a haiku."}]]
+    with pytest.raises(UserError, match="action_offset_chips 0"):
+        probe_action_offsets(lambda p, t, s: torch.zeros(len(p)), prompts, 10)

@@ -82,7 +82,8 @@ class PPOConfig(ModelOptions):
         0, min=0, help="before PPO, score each action's canonical answer on this many training chips and take each "
                        "action's mean lead over the chip's mean out of its answers' scores: a reward model that "
                        "prefers one action everywhere then gives no push toward that answer everywhere, only "
-                       "toward what each chip decides (0: off)")
+                       "toward what each chip decides; it assumes each action is right on about as many "
+                       "training chips as another, as the rule teacher's 33/33/34% (0: off)")
     # optimisation
     learning_rate: float = field(1e-4, help="AdamW learning rate (policy and value)", gt=0)
     lr_schedule: Literal["constant", "linear"] = field("linear", help="learning-rate schedule over updates")

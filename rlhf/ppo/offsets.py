@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.chips import ACTIONS, format_advice, judge, rule_reason, spec_from_prompt
+from rlhf.errors import UserError
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Prompt, ScoreFn
 
@@ -26,7 +27,8 @@ def probe_action_offsets(score: ScoreFn, prompts: list[Prompt], n_chips: int) ->
     """Each action's offset (see the module doc) over the first `n_chips` chip prompts."""
     chips = [p for p in prompts if spec_from_prompt(p[-1]["content"]) is not None][:n_chips]
     if not chips:
-        raise ValueError("the action-offset probe found no chip prompts in the training data")
+        raise UserError("action_offset_chips: no prompt of the training data names a chip [length, width, "
+                        "height] to probe; set --action_offset_chips 0 for other tasks")
     rows, answers = [], []
     for prompt in chips:
         language = prompt_language(prompt[-1]["content"])
