@@ -15,6 +15,7 @@ from rlhf.chips import (
     dims_prompt,
     format_advice,
     parse_advice,
+    prompt_language,
     rule_action,
     rule_advice,
     rule_reason,
@@ -65,6 +66,7 @@ def test_prompt_round_trips_the_spec(lang):
         prompt = dims_prompt(spec, lang)
         assert f"[{spec.length}, {spec.width}, {spec.height}]" in prompt
         assert spec_from_prompt(prompt) == spec
+        assert prompt_language(prompt) == lang  # what the action-offset probe answers in
 
 
 def test_prompts_differ_by_language():

@@ -171,14 +171,15 @@ def test_action_offsets_take_a_per_action_preference_out_of_the_score(
     """Probed before PPO, the reward's lead for `increase` (+2/3 over the chip's mean of three
     answers) comes out of every `increase` answer's score: the answers PPO compares on a chip then
     differ by what the chip decides, not by which action the reward model likes everywhere."""
-    from rlhf.chips import format_advice, rule_reason
+    from rlhf.chips import format_advice, judge, rule_reason
     from rlhf.ppo import trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "build_reward", lambda *a, **k: _prefers_increase)
     trainer = _trainer(tiny_stack, tmp_path / str(chips), action_offset_chips=chips, missing_eos_penalty=0.0)
     prompt = trainer.stream.prompts[0]
     answers = [format_advice(a, rule_reason(a)) for a in ("increase", "decrease", "no_change")] + ["not json"]
-    got = trainer.collect.score([prompt] * 4, answers, torch.ones(4, dtype=torch.bool))
+    scores = trainer.collect.score([prompt] * 4, answers, torch.ones(4, dtype=torch.bool))
+    got = trainer.collect.learning_scores(scores, [judge(prompt[-1]["content"], a)[2] for a in answers])
     base = len(prompt[-1]["content"]) % 5
     if chips:
         assert trainer.action_offsets == pytest.approx({"increase": 2 / 3, "decrease": -1 / 3, "no_change": -1 / 3})

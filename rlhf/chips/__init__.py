@@ -17,12 +17,13 @@ from rlhf.chips.advice import (
     format_advice,
     parse_advice,
 )
-from rlhf.chips.prompts import LANGUAGES, dims_prompt, spec_from_prompt
+from rlhf.chips.prompts import LANGUAGES, dims_prompt, prompt_language, spec_from_prompt
 from rlhf.chips.rule import RULES, judge, rule_action, rule_advice, rule_reason
 from rlhf.chips.spec import DIM_MAX, DIM_MIN, ChipSpec, sample_specs
 
 __all__ = [
     "ACTIONS", "ADVICE_SCHEMA", "Advice", "AdviceParseError", "action_token_index", "format_advice", "parse_advice",
-    "LANGUAGES", "dims_prompt", "spec_from_prompt", "RULES", "judge", "rule_action", "rule_advice", "rule_reason",
+    "LANGUAGES", "dims_prompt", "prompt_language", "spec_from_prompt", "RULES", "judge", "rule_action", "rule_advice",
+    "rule_reason",
     "DIM_MAX", "DIM_MIN", "ChipSpec", "sample_specs",
 ]

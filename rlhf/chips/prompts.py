@@ -26,6 +26,11 @@ def dims_prompt(spec: ChipSpec, language: str = "en") -> str:
     return TEMPLATES[language].format(dims=f"[{spec.length}, {spec.width}, {spec.height}]")
 
 
+def prompt_language(text: str) -> str:
+    """The template a prompt was written in: 'zh' when it holds CJK characters, else 'en'."""
+    return "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in text) else "en"
+
+
 def spec_from_prompt(text: str) -> ChipSpec | None:
     """Recover the chip from a prompt (the last [l, w, h] in it), so rule rewards need no metadata."""
     found = _DIMS.findall(text)

@@ -5,22 +5,18 @@ answers higher on average over all chips. A policy that does not yet read the ch
 giving that answer everywhere, and once the other answers are never sampled nothing brings them
 back. The probe scores the canonical answer of each action (`format_advice` with the rule's reason,
 in the prompt's language) on the first chips of the training prompts; `core.action_offsets` turns
-that into each action's lead, which `OffsetScores` subtracts from the answers with that action.
+that into each action's lead, which `Collector.learning_scores` subtracts from the answers with that
+action (it knows each answer's action already).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf.chips import ACTIONS, format_advice, judge, rule_reason, spec_from_prompt
+from rlhf.chips import ACTIONS, format_advice, prompt_language, rule_reason, spec_from_prompt
 from rlhf.errors import UserError
 from rlhf.ppo import core
 from rlhf.ppo.rollout import Prompt, ScoreFn
-
-
-def prompt_language(text: str) -> str:
-    """'zh' for a prompt with CJK characters, else 'en' (the two prompt templates)."""
-    return "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in text) else "en"
 
 
 def probe_action_offsets(score: ScoreFn, prompts: list[Prompt], n_chips: int) -> dict[str, float]:
@@ -40,15 +36,3 @@ def probe_action_offsets(score: ScoreFn, prompts: list[Prompt], n_chips: int) ->
     offsets = core.action_offsets(scores.view(len(chips), len(ACTIONS)))
     return {action: float(o) for action, o in zip(ACTIONS, offsets)}
 
-
-class OffsetScores:
-    """A score function less the offset of each answer's action (an invalid answer keeps its score)."""
-
-    def __init__(self, score: ScoreFn, offsets: dict[str, float]) -> None:
-        self.score, self.offsets = score, offsets
-
-    def __call__(self, prompts: list[Prompt], texts: list[str], has_stop: torch.Tensor) -> torch.Tensor:
-        scores = self.score(prompts, texts, has_stop)
-        shift = [self.offsets.get(judge(p[-1]["content"], t, bool(s))[2] or "", 0.0)
-                 for p, t, s in zip(prompts, texts, has_stop.tolist())]
-        return scores - torch.tensor(shift, dtype=scores.dtype, device=scores.device)

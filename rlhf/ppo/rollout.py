@@ -177,9 +177,10 @@ class Collector:
 
     def __init__(self, cfg: PPOConfig, acc: Any, model: PolicyAndValue, reference: Reference, tok: Any,
                  stops: list[int], runner: Runner, score: ScoreFn, reward_parts: Callable[[], dict[str, float]],
-                 world: int) -> None:
+                 world: int, action_offsets: dict[str, float] | None = None) -> None:
         self.cfg, self.acc, self.model, self.reference, self.tok, self.stops = cfg, acc, model, reference, tok, stops
         self.runner, self.score, self.reward_parts = runner, score, reward_parts
+        self.action_offsets = action_offsets or {}  # the reward's lead per action (rlhf.ppo.offsets)
         self.device = acc.device
         self._prompt_cache: dict[str, list[int]] = {}
         self._pieces: dict[int, str] = {}
@@ -294,15 +295,23 @@ class Collector:
         -kl_coef * KL_t with the centred score on each answer's last token."""
         cfg = self.cfg
         kl = core.kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
-        bonus = core.answer_entropy_bonus(actions, cfg.answer_entropy_coef).to(self.device)
-        # the score (plus the answer-mix bonus) less its baseline (none, batch or the prompt's other
-        # samples) is what PPO learns from
-        centred = core.centre_scores(scores + bonus, cfg.score_baseline, cfg.samples_per_prompt)
+        # less its baseline (none, batch or the prompt's other samples)
+        centred = core.centre_scores(self.learning_scores(scores, actions), cfg.score_baseline,
+                                     cfg.samples_per_prompt)
         rewards = core.per_token_rewards(centred, kl, mask, kl_coef)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         return kl, core.masked_whiten(advantages, mask), returns
+
+    def learning_scores(self, scores: torch.Tensor, actions: list[str | None]) -> torch.Tensor:
+        """What PPO learns from before the baseline: each score [B] less the reward's lead for the
+        answer's action (0 without action_offset_chips, or for an invalid answer), plus the
+        answer-mix bonus."""
+        shift = torch.tensor([self.action_offsets.get(a, 0.0) if a else 0.0 for a in actions],
+                             dtype=scores.dtype, device=scores.device)
+        bonus = core.answer_entropy_bonus(actions, self.cfg.answer_entropy_coef).to(scores.device)
+        return scores - shift + bonus
 
     def _value_prompt_state(self, ids: torch.Tensor, att: torch.Tensor) -> KeyValues:
         """The value model's keys and values of the prompt but its last token (on the side thread,

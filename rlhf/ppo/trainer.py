@@ -36,9 +36,9 @@ from rlhf.ppo.checkpoint import Checkpoints, check_output_folders, save_outputs
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.metrics import CollapseWatch, check_row, final_metrics, logged_rows, plot_ppo_curves, rollout_stats
 from rlhf.ppo.models import PolicyAndValue, load_models
-from rlhf.ppo.offsets import OffsetScores, probe_action_offsets
+from rlhf.ppo.offsets import probe_action_offsets
 from rlhf.ppo.parallel import make_runner
-from rlhf.ppo.rollout import Collector, Minibatch, Prompt, PromptStream, Rollout, ScoreFn, rows_kept_together
+from rlhf.ppo.rollout import Collector, Minibatch, Prompt, PromptStream, Rollout, rows_kept_together
 from rlhf.rewards import build_reward
 from rlhf.training import quiet_transformers
 
@@ -92,13 +92,11 @@ class PPOTrainer:
         self.checkpoints = Checkpoints(self.acc, self.out, cfg)
         n_params = sum(p.numel() for p in self.inner.policy.parameters())
         self.runner = make_runner(cfg.parallel_value, self.world, self.device, n_params)
-        score: ScoreFn = self._score
         self.action_offsets: dict[str, float] = {}
-        if cfg.action_offset_chips:  # the reward's lead per action, out of every score PPO sees
+        if cfg.action_offset_chips:  # the reward's lead per action, out of every score PPO learns from
             self.action_offsets = probe_action_offsets(self._score, self.stream.prompts, cfg.action_offset_chips)
-            score = OffsetScores(self._score, self.action_offsets)
         self.collect = Collector(cfg, self.acc, self.inner, self.reference, self.tok, self.stops, self.runner,
-                                 score, self._reward_parts, self.world)
+                                 self._score, self._reward_parts, self.world, self.action_offsets)
 
     @property
     def inner(self) -> PolicyAndValue:  # the model without its DDP wrapper
