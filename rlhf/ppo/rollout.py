@@ -308,7 +308,7 @@ class Collector:
         """What PPO learns from before the baseline: each score [B] less the reward's lead for the
         answer's action (0 without action_offset_chips, or for an invalid answer), plus the
         answer-mix bonus."""
-        shift = torch.tensor([self.action_offsets.get(a, 0.0) if a else 0.0 for a in actions],
+        shift = torch.tensor([self.action_offsets.get(a, 0.0) for a in actions],  # None: no offset
                              dtype=scores.dtype, device=scores.device)
         bonus = core.answer_entropy_bonus(actions, self.cfg.answer_entropy_coef).to(scores.device)
         return scores - shift + bonus
