@@ -18,6 +18,7 @@ from rlhf.ppo import core
 from rlhf.ppo import rollout as rollout_module
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.metrics import CollapseWatch
+from rlhf.ppo.offsets import check_canonical_prompts
 from rlhf.ppo.rollout import PromptStream
 from rlhf.ppo.trainer import PPOTrainer
 
@@ -97,6 +98,39 @@ def test_group_baseline_learns_nothing_from_a_score_that_only_depends_on_the_pro
     prompts = trainer.stream.batch(0, 8, 0, 1, group=4)
     trainer.learn(trainer.rollout(prompts), 0)
     assert _changed(before, trainer._policy_params) == (baseline == "none")
+
+
+@pytest.mark.parametrize("baseline", ["none", "canonical"])
+def test_canonical_baseline_learns_nothing_from_a_score_that_only_depends_on_the_chip(
+        tiny_stack: dict[str, str], tmp_path: Path, baseline: str) -> None:
+    """The same chip-only score with one answer per prompt: the canonical answers to that chip
+    score the same, so their mean takes all of it out."""
+    trainer = _trainer(tiny_stack, tmp_path / baseline, score_baseline=baseline, missing_eos_penalty=0.0)
+    calls: list[int] = []
+
+    def chip_only(prompts: list, texts: list[str], has_stop: torch.Tensor) -> torch.Tensor:
+        calls.append(len(prompts))
+        return torch.tensor([float(len(p[-1]["content"]) % 7) for p in prompts])
+
+    trainer.reward_fn = chip_only
+    before = _policy_weights(trainer)
+    trainer.learn(trainer.rollout(trainer.stream.batch(0, 8, 0, 1)), 0)
+    assert _changed(before, trainer._policy_params) == (baseline == "none")
+    assert calls == ([8 * 3, 8] if baseline == "canonical" else [8])  # each action's answer per chip, then the batch
+
+
+def test_canonical_baseline_by_hand() -> None:
+    scores, baseline = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.5, -1.0, 0.5])
+    assert torch.equal(core.centre_scores(scores, "canonical", baseline=baseline), torch.tensor([0.5, -1.0, 0.0]))
+    with pytest.raises(ValueError, match="one baseline per score"):
+        core.centre_scores(scores, "canonical")
+
+
+def test_canonical_baseline_refuses_prompts_without_a_chip() -> None:
+    chip = [{"role": "user", "content": "A chip measures [length, width, height] = [6, 34, 66] mm. Advise."}]
+    check_canonical_prompts([chip])
+    with pytest.raises(UserError, match="1 of 2 training prompts name no chip.*--score_baseline none"):
+        check_canonical_prompts([chip, [{"role": "user", "content": "Write a poem."}]])
 
 
 def test_value_warmup_moves_only_the_value_model_first(tiny_stack: dict[str, str], tmp_path: Path) -> None:

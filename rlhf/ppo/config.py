@@ -70,10 +70,12 @@ class PPOConfig(ModelOptions):
     normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
     score_scale: float = field(1.0, help="multiply scores by this (bring a reward model's scale near 1)", gt=0)
     score_clip: float = field(0.0, help="clip scores to [-c, c] after scaling (0: off)", min=0)
-    score_baseline: Literal["none", "batch", "group"] = field(
+    score_baseline: Literal["none", "batch", "group", "canonical"] = field(
         "none", help="baseline taken out of each score before GAE: 'none'; 'batch' (standardised over the "
                      "batch); 'group' (minus the mean of the other samples of the same prompt, RLOO's "
-                     "leave-one-out; needs samples_per_prompt >= 2)")
+                     "leave-one-out; needs samples_per_prompt >= 2); 'canonical' (minus the mean score of "
+                     "each action's canonical answer to the same chip: a per-chip baseline from one sample "
+                     "per prompt; chip prompts only)")
     answer_entropy_coef: float = field(
         0.0, min=0, help="bonus coef * -log(share of the answer's action in the batch), centred: ascends the entropy "
                   "of the batch's action mix, so no single answer takes over every prompt, while the policy "

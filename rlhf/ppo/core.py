@@ -97,7 +97,7 @@ def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) 
     return rewards
 
 
-def centre_scores(scores: Tensor, mode: str, group_size: int = 1) -> Tensor:
+def centre_scores(scores: Tensor, mode: str, group_size: int = 1, baseline: Tensor | None = None) -> Tensor:
     """The score PPO learns from, with a baseline taken out before GAE.
 
     'none': as given. 'batch': (s - mean) / std over the batch, so a reward model that rates every
@@ -105,9 +105,16 @@ def centre_scores(scores: Tensor, mode: str, group_size: int = 1) -> Tensor:
     `group_size` samples of one prompt, and each score loses the mean of the *other* samples of its
     prompt (RLOO's leave-one-out baseline, Ahmadian et al. 2024): what stays is how much better this
     answer is than the policy's other answers to the same chip, which no per-prompt offset of the
-    reward model can fake."""
+    reward model can fake. 'canonical': each score less `baseline`, one per row (the mean score of
+    the task's canonical answers to that row's prompt): the same per-prompt baseline from a fixed
+    set of answers, so every sample can be of a different prompt."""
     if mode == "none":
         return scores
+    if mode == "canonical":
+        if baseline is None or baseline.shape != scores.shape:
+            raise ValueError(f"score baseline 'canonical' needs one baseline per score, got "
+                             f"{None if baseline is None else tuple(baseline.shape)} for {tuple(scores.shape)}")
+        return scores - baseline.to(scores.dtype)
     if mode == "batch":
         std = scores.std() if scores.numel() > 1 else scores.new_tensor(0.0)
         return (scores - scores.mean()) / (std + 1e-8)
@@ -118,7 +125,7 @@ def centre_scores(scores: Tensor, mode: str, group_size: int = 1) -> Tensor:
         groups = scores.view(-1, group_size)
         others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
         return (groups - others).view(-1)
-    raise ValueError(f"score baseline must be 'none', 'batch' or 'group', got {mode!r}")
+    raise ValueError(f"score baseline must be 'none', 'batch', 'group' or 'canonical', got {mode!r}")
 
 
 def action_offsets(scores: Tensor) -> Tensor:

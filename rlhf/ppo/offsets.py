@@ -1,4 +1,4 @@
-"""The reward's per-action offsets, measured once before PPO and taken out of every score.
+"""The reward model on the task's canonical answers: per-action offsets, and per-chip baselines.
 
 A reward model can rank the right action first on nearly every chip and still rate one action's
 answers higher on average over all chips. A policy that does not yet read the chip then gains by
@@ -7,6 +7,10 @@ back. The probe scores the canonical answer of each action (`format_advice` with
 in the prompt's language) on the first chips of the training prompts; `core.action_offsets` turns
 that into each action's lead, which `Collector.learning_scores` subtracts from the answers with that
 action (it knows each answer's action already).
+
+`canonical_baselines` scores the same canonical answers for every prompt of a batch, as it is
+collected: their mean is what the reward model gives that chip whatever the answer, which
+`score_baseline canonical` takes out of the chip's answers (see `PPOConfig.score_baseline`).
 """
 
 from __future__ import annotations
@@ -19,20 +23,45 @@ from rlhf.ppo import core
 from rlhf.ppo.rollout import Prompt, ScoreFn
 
 
-def probe_action_offsets(score: ScoreFn, prompts: list[Prompt], n_chips: int) -> dict[str, float]:
-    """Each action's offset (see the module doc) over the first `n_chips` chip prompts."""
-    chips = [p for p in prompts if spec_from_prompt(p[-1]["content"]) is not None][:n_chips]
-    if not chips:
-        raise UserError("action_offset_chips: no prompt of the training data names a chip [length, width, "
-                        "height] to probe; set --action_offset_chips 0 for other tasks")
+def chip_prompts(prompts: list[Prompt]) -> list[Prompt]:
+    """The prompts that name a chip [length, width, height]."""
+    return [p for p in prompts if spec_from_prompt(p[-1]["content"]) is not None]
+
+
+def canonical_scores(score: ScoreFn, prompts: list[Prompt]) -> torch.Tensor:
+    """[len(prompts), len(ACTIONS)]: the score of each action's canonical answer (`format_advice`
+    with the rule's reason, in the prompt's language) to each prompt."""
     rows, answers = [], []
-    for prompt in chips:
+    for prompt in prompts:
         language = prompt_language(prompt[-1]["content"])
         for action in ACTIONS:
             rows.append(prompt)
             answers.append(format_advice(action, rule_reason(action, language)))
     with torch.no_grad():
-        scores = score(rows, answers, torch.ones(len(rows), dtype=torch.bool)).float().cpu()
-    offsets = core.action_offsets(scores.view(len(chips), len(ACTIONS)))
+        scores = score(rows, answers, torch.ones(len(rows), dtype=torch.bool)).float()
+    return scores.view(len(prompts), len(ACTIONS))
+
+
+def probe_action_offsets(score: ScoreFn, prompts: list[Prompt], n_chips: int) -> dict[str, float]:
+    """Each action's offset (see the module doc) over the first `n_chips` chip prompts."""
+    chips = chip_prompts(prompts)[:n_chips]
+    if not chips:
+        raise UserError("action_offset_chips: no prompt of the training data names a chip [length, width, "
+                        "height] to probe; set --action_offset_chips 0 for other tasks")
+    offsets = core.action_offsets(canonical_scores(score, chips).cpu())
     return {action: float(o) for action, o in zip(ACTIONS, offsets)}
+
+
+def canonical_baselines(score: ScoreFn, prompts: list[Prompt]) -> torch.Tensor:
+    """[len(prompts)]: the mean score of the canonical answers to each prompt (all chip prompts)."""
+    return canonical_scores(score, prompts).mean(1)
+
+
+def check_canonical_prompts(prompts: list[Prompt]) -> None:
+    """score_baseline canonical needs a chip in every training prompt: refuse before training."""
+    chips = len(chip_prompts(prompts))
+    if chips < len(prompts):
+        raise UserError(f"score_baseline canonical: {len(prompts) - chips} of {len(prompts)} training prompts "
+                        "name no chip [length, width, height] to score canonical answers for; use "
+                        "--score_baseline none (or group) for other tasks")
 

@@ -177,10 +177,12 @@ class Collector:
 
     def __init__(self, cfg: PPOConfig, acc: Any, model: PolicyAndValue, reference: Reference, tok: Any,
                  stops: list[int], runner: Runner, score: ScoreFn, reward_parts: Callable[[], dict[str, float]],
-                 world: int, action_offsets: dict[str, float] | None = None) -> None:
+                 world: int, action_offsets: dict[str, float] | None = None,
+                 baselines: Callable[[list[Prompt]], torch.Tensor] | None = None) -> None:
         self.cfg, self.acc, self.model, self.reference, self.tok, self.stops = cfg, acc, model, reference, tok, stops
         self.runner, self.score, self.reward_parts = runner, score, reward_parts
         self.action_offsets = action_offsets or {}  # the reward's lead per action (rlhf.ppo.offsets)
+        self.baselines = baselines  # score_baseline canonical: each prompt's baseline (rlhf.ppo.offsets)
         self.device = acc.device
         self._prompt_cache: dict[str, list[int]] = {}
         self._pieces: dict[int, str] = {}
@@ -225,9 +227,13 @@ class Collector:
             common = self._trunk(model.policy, ids, att, self.common_depth, groups)
         trunks: dict[str, Trunk | None] = {"policy": None, "value": None}
 
+        baseline: list[torch.Tensor] = []
+
         def score_and_values() -> tuple[torch.Tensor, torch.Tensor, float]:
             t_start = time.perf_counter()
             with torch.no_grad():  # grad mode is per thread: this may run on the side thread
+                if self.baselines is not None:  # first: the answers' scoring is what reward_parts reports
+                    baseline.append(self.baselines(prompts).to(self.device))
                 scores = self.score(prompts, g.texts, has_stop)
             t_score = time.perf_counter() - t_start
             with torch.set_grad_enabled(reuse), self.acc.autocast():
@@ -259,7 +265,8 @@ class Collector:
         logp, values = logp.detach(), values.detach()
         scores = scores.to(self.device)
         actions, agree, entropy_decision = self._decisions(prompts, g.texts, has_stop, response, mask, entropy)
-        kl, advantages, returns = self._shape(scores, actions, logp, ref_logp, values, mask, kl_coef)
+        kl, advantages, returns = self._shape(scores, actions, logp, ref_logp, values, mask, kl_coef,
+                                              baseline[0] if baseline else None)
         t_fwd = time.perf_counter() - t1 - t_score  # with the side thread: what scoring did not overlap
         return Rollout(prompts=prompts, texts=g.texts, ids=ids, att=att, response=response, mask=mask,
                        n_resp=n_resp, has_stop=has_stop, logp=logp, values=values, scores=scores, kl=kl.sum(1),
@@ -289,15 +296,15 @@ class Collector:
         return torch.ones_like(response), torch.ones(len(response), dtype=torch.bool)
 
     def _shape(self, scores: torch.Tensor, actions: list[str | None], logp: torch.Tensor, ref_logp: torch.Tensor,
-               values: torch.Tensor, mask: torch.Tensor,
-               kl_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               values: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+               baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Step 4: per-token KL [B, T], whitened GAE advantages [B, T] and returns [B, T], from rewards
         -kl_coef * KL_t with the centred score on each answer's last token."""
         cfg = self.cfg
         kl = core.kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
         # less its baseline (none, batch or the prompt's other samples)
         centred = core.centre_scores(self.learning_scores(scores, actions), cfg.score_baseline,
-                                     cfg.samples_per_prompt)
+                                     cfg.samples_per_prompt, baseline)
         rewards = core.per_token_rewards(centred, kl, mask, kl_coef)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
