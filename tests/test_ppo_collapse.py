@@ -4,6 +4,8 @@ a critic warm-up, and the warning when one answer takes over anyway."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +231,23 @@ def test_action_offset_probe_refuses_prompts_without_chips() -> None:
     prompts = [[{"role": "user", "content": "Write a haiku."}]]
     with pytest.raises(UserError, match="action_offset_chips 0"):
         probe_action_offsets(lambda p, t, s: torch.zeros(len(p)), prompts, 10)
+
+
+def test_reward_probe_script_reads_a_run(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    """scripts/reward_probe.py on a run folder: the offsets sum to zero and every chip lands in a band."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "reward").symlink_to(tiny_stack["reward"])
+    (run / "data").symlink_to(tiny_stack["data"])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "reward_probe.py"
+    proc = subprocess.run([sys.executable, str(script), str(run), "--chips", "30"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].endswith(": 30 chips")
+    offsets = [float(part.split()[-1]) for part in lines[1].removeprefix("offsets: ").split(", ")]
+    assert len(offsets) == 3 and abs(sum(offsets)) < 0.02  # printed to 2 decimals
+    bands = [line for line in lines if line.startswith("  [")]
+    assert sum(int(line.split(": ")[1].split(",")[0]) for line in bands) == 30
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert missing.returncode != 0 and "needs reward/ and data/train.jsonl" in missing.stderr
