@@ -64,4 +64,3 @@ def check_canonical_prompts(prompts: list[Prompt]) -> None:
         raise UserError(f"score_baseline canonical: {len(prompts) - chips} of {len(prompts)} training prompts "
                         "name no chip [length, width, height] to score canonical answers for; use "
                         "--score_baseline none (or group) for other tasks")
-
