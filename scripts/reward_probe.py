@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from rlhf.chips import ACTIONS
+from rlhf.ppo import core
 from rlhf.ppo.offsets import canonical_scores, chip_prompts
 from rlhf.rewards.model import ModelReward
 
@@ -40,7 +41,7 @@ def main() -> int:
     rows = [r for r in rows if chip_prompts([r["prompt"]])][:a.chips]
     reward = ModelReward(str(a.run / "reward"))
     scores = canonical_scores(reward, [r["prompt"] for r in rows]).cpu()  # [chips, actions]
-    offsets = (scores - scores.mean(1, keepdim=True)).mean(0)
+    offsets = core.action_offsets(scores)
     chip_mean = scores.mean(1)
     gaps = scores - offsets - chip_mean[:, None]
     teacher = torch.tensor([ACTIONS.index(r["teacher_action"]) for r in rows])

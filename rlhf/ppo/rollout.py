@@ -227,20 +227,19 @@ class Collector:
             common = self._trunk(model.policy, ids, att, self.common_depth, groups)
         trunks: dict[str, Trunk | None] = {"policy": None, "value": None}
 
-        baseline: list[torch.Tensor] = []
-
-        def score_and_values() -> tuple[torch.Tensor, torch.Tensor, float]:
+        def score_and_values() -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
             t_start = time.perf_counter()
             with torch.no_grad():  # grad mode is per thread: this may run on the side thread
-                if self.baselines is not None:  # first: the answers' scoring is what reward_parts reports
-                    baseline.append(self.baselines(prompts).to(self.device))
+                # first: the answers' scoring is what reward_parts reports
+                baseline = self.baselines(prompts).to(self.device) if self.baselines is not None else None
                 scores = self.score(prompts, g.texts, has_stop)
             t_score = time.perf_counter() - t_start
             with torch.set_grad_enabled(reuse), self.acc.autocast():
                 if value_state is not None:
-                    return scores, model.values(rest, att, n_resp, value_state), t_score
+                    return scores, baseline, model.values(rest, att, n_resp, value_state), t_score
                 trunks["value"] = self._trunk(model.value, ids, att, self.value_depth, groups, common)
-                return scores, model.values(ids, att, n_resp, trunk=trunks["value"], groups=groups), t_score
+                values = model.values(ids, att, n_resp, trunk=trunks["value"], groups=groups)
+                return scores, baseline, values, t_score
 
         def policy_and_reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             with self.acc.autocast():
@@ -259,14 +258,13 @@ class Collector:
                     del logits
                 return logp, entropy, self.reference.logprobs(model.policy, ids, att, response, n_resp, trunk, groups)
 
-        (scores, values, t_score), (logp, entropy, ref_logp) = self.runner.run(score_and_values,
-                                                                              policy_and_reference)
+        (scores, baseline, values, t_score), (logp, entropy, ref_logp) = self.runner.run(score_and_values,
+                                                                                        policy_and_reference)
         graphs = (logp, values) if reuse else None  # the first PPO step's forwards, with their graphs
         logp, values = logp.detach(), values.detach()
         scores = scores.to(self.device)
         actions, agree, entropy_decision = self._decisions(prompts, g.texts, has_stop, response, mask, entropy)
-        kl, advantages, returns = self._shape(scores, actions, logp, ref_logp, values, mask, kl_coef,
-                                              baseline[0] if baseline else None)
+        kl, advantages, returns = self._shape(scores, actions, logp, ref_logp, values, mask, kl_coef, baseline)
         t_fwd = time.perf_counter() - t1 - t_score  # with the side thread: what scoring did not overlap
         return Rollout(prompts=prompts, texts=g.texts, ids=ids, att=att, response=response, mask=mask,
                        n_resp=n_resp, has_stop=has_stop, logp=logp, values=values, scores=scores, kl=kl.sum(1),
