@@ -226,6 +226,18 @@ def trunk_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
                                  groups=groups)[0]
 
 
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
+                 past: KeyValues | None = None, trunk: Trunk | None = None,
+                 groups: PromptGroups | None = None) -> torch.Tensor:
+    """A decoder's final hidden states [B, keep, D] (after the last norm) at the last `keep`
+    positions of left-padded inputs: what an LM head or a scalar head reads. past, trunk, groups:
+    as for decoder_hidden (lean models only)."""
+    if past is not None or trunk is not None or groups is not None or supports_lean(model):
+        return decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk, groups=groups)[0]
+    return decoder_backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids_of(attention_mask)).last_hidden_state[:, -keep:]
+
+
 def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int,
                   past: KeyValues | None = None, trunk: Trunk | None = None,
                   groups: PromptGroups | None = None) -> torch.Tensor:
@@ -233,8 +245,8 @@ def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     past: the keys and values of the tokens before `input_ids`; trunk: the states of its frozen
     layers; groups: rows sharing prompts run once per prompt, keep = T + 1 (see decoder_hidden)."""
     if past is not None or trunk is not None or groups is not None or supports_lean(model):
-        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk, groups=groups)[0]
-        return unwrap(model).get_output_embeddings()(hidden)
+        return unwrap(model).get_output_embeddings()(final_hidden(model, input_ids, attention_mask, keep, past,
+                                                                  trunk, groups))
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
                  logits_to_keep=keep).logits[:, -keep:]
 
@@ -245,11 +257,7 @@ def head_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """A sequence classifier's head (`score`) applied at each of the last `keep` positions of
     left-padded inputs: [B, keep, labels]. keep=1 is the classifier's own reading of a sequence.
     past, trunk, groups: as for causal_logits."""
-    if past is not None or trunk is not None or groups is not None or supports_lean(model):
-        hidden = decoder_hidden(model, input_ids, attention_mask, keep, past=past, trunk=trunk, groups=groups)[0]
-    else:
-        hidden = decoder_backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=position_ids_of(attention_mask)).last_hidden_state[:, -keep:]
+    hidden = final_hidden(model, input_ids, attention_mask, keep, past, trunk, groups)
     head = unwrap(model).score
     # the head is trained in f32 over a bf16 backbone ("trained weights stay f32"); outside autocast
     # (the reward stage's held-out scoring) the hidden states must meet it in its dtype. Under LoRA,

@@ -86,6 +86,12 @@ class PPOConfig(ModelOptions):
                        "prefers one action everywhere then gives no push toward that answer everywhere, only "
                        "toward what each chip decides; it assumes each action is right on about as many "
                        "training chips as another, as the rule teacher's 33/33/34% (0: off)")
+    aux_value_coef: float = field(
+        0.0, min=0, help="weight of an auxiliary value head on the policy's last hidden states, fitted to the returns "
+                         "beside the clipped policy loss (PPG's auxiliary value head, Cobbe et al. 2021): its "
+                         "gradient teaches the policy's own layers what decides the score, which the policy loss "
+                         "alone builds slowly from a prompt-blind start (0: off). The head trains only; nothing "
+                         "reads it, and policy/ is saved without it")
     # optimisation
     learning_rate: float = field(1e-4, help="AdamW learning rate (policy and value)", gt=0)
     lr_schedule: Literal["constant", "linear"] = field("linear", help="learning-rate schedule over updates")

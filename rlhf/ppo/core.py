@@ -212,6 +212,13 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     return loss, {"vf_clipfrac": masked_mean((sq_clipped > sq).float(), mask)}
 
 
+def aux_value_loss(aux_values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """Phasic Policy Gradient's auxiliary value loss (Cobbe et al. 2021): 0.5 * mean over valid
+    tokens of (V_aux - R)^2, unclipped; the head sits on the policy, so its gradient shapes the
+    policy's features."""
+    return 0.5 * masked_mean((aux_values - returns) ** 2, mask)
+
+
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     var_r = masked_var(returns, mask, unbiased=False)
     if var_r.item() == 0:

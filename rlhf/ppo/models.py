@@ -1,4 +1,5 @@
-"""PPO's models: the policy, the value model (a scalar head at every token) and the frozen reference.
+"""PPO's models: the policy, the value model (a scalar head at every token) and the frozen reference,
+and optionally an auxiliary value head on the policy (`aux_value_coef`).
 
 `load_models` assembles them from a `PPOConfig`; `PolicyAndValue` is the one module the trainer
 trains (and DDP wraps); `Reference` gives the reference's log-probs, whether it is a second frozen
@@ -15,25 +16,38 @@ import torch
 from torch import nn
 
 from rlhf.models import add_lora, load_causal_lm, load_tokenizer, load_value_model, stop_token_ids
-from rlhf.models.decoder import KeyValues, PromptGroups, Trunk, causal_logits, head_outputs
+from rlhf.models.decoder import KeyValues, PromptGroups, Trunk, causal_logits, final_hidden, head_outputs, unwrap
 from rlhf.models.load import train_last_layers
 from rlhf.ppo import core
 from rlhf.ppo.config import PPOConfig
 
 
 class PolicyAndValue(nn.Module):
-    """One module for DDP: a forward returns the policy's response logits and per-token values."""
+    """One module for DDP: a forward returns the policy's response logits, per-token values and the
+    auxiliary head's values on the policy (None without the head)."""
 
-    def __init__(self, policy: nn.Module, value: nn.Module) -> None:
+    def __init__(self, policy: nn.Module, value: nn.Module, aux_value: nn.Module | None = None) -> None:
         super().__init__()
         self.policy = policy
         self.value = value
+        self.aux_value = aux_value  # a scalar head on the policy's hidden states (PPG), or None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
                 policy_trunk: Trunk | None = None, value_trunk: Trunk | None = None,
-                groups: PromptGroups | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.policy_logits(input_ids, attention_mask, n_response, trunk=policy_trunk, groups=groups),
-                self.values(input_ids, attention_mask, n_response, trunk=value_trunk, groups=groups))
+                groups: PromptGroups | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        logits, aux = self.policy_outputs(input_ids, attention_mask, n_response, trunk=policy_trunk, groups=groups)
+        return logits, self.values(input_ids, attention_mask, n_response, trunk=value_trunk, groups=groups), aux
+
+    def policy_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
+                       trunk: Trunk | None = None,
+                       groups: PromptGroups | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """policy_logits, and the auxiliary head's V(s_t) [B, T] read from the same hidden states
+        (None without the head)."""
+        if self.aux_value is None:
+            return self.policy_logits(input_ids, attention_mask, n_response, trunk=trunk, groups=groups), None
+        hidden = final_hidden(self.policy, input_ids, attention_mask, n_response + 1, trunk=trunk, groups=groups)
+        logits = unwrap(self.policy).get_output_embeddings()(hidden)[:, :-1]
+        return logits, self.aux_value(hidden[:, :-1].float()).squeeze(-1)
 
     def policy_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int,
                       past: KeyValues | None = None, trunk: Trunk | None = None,
@@ -132,4 +146,11 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
         value = add_lora(value, cfg, task_type="SEQ_CLS")
     disable_dropout(policy)
     disable_dropout(value)
-    return Models(tok, stops, PolicyAndValue(policy, value).to(device), Reference(ref_model, cfg.temperature))
+    aux_value = None
+    if cfg.aux_value_coef > 0:  # starts at 0 everywhere: the policy's first steps are the plain loss's
+        aux_value = nn.Linear(unwrap(policy).get_output_embeddings().in_features, 1)
+        with torch.no_grad():
+            aux_value.weight.zero_()
+            aux_value.bias.zero_()
+    return Models(tok, stops, PolicyAndValue(policy, value, aux_value).to(device),
+                  Reference(ref_model, cfg.temperature))

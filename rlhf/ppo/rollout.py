@@ -188,7 +188,9 @@ class Collector:
         self._pieces: dict[int, str] = {}
         # With one minibatch the first PPO step runs the rollout's weights on the whole batch: the
         # rollout's policy and value forwards, kept with their graphs, are that step's forwards.
-        self.reuse_forward = cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1 and world == 1
+        # (Not with the auxiliary value head: that step reads the policy's hidden states as well.)
+        self.reuse_forward = (cfg.num_mini_batches == 1 and cfg.gradient_accumulation_steps == 1 and world == 1
+                              and cfg.aux_value_coef == 0)
         # The side thread is idle while the policy samples: the value model reads the prompts then.
         # (The reference and the reward read whole rollouts afterwards, on the two threads; measured on
         # the small bench model, also moving the reference's prompt to the side thread made sampling

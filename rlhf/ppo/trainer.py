@@ -79,7 +79,9 @@ class PPOTrainer:
             gc.freeze()  # the model's many objects never become garbage: stop rescanning them
         self.num_updates = cfg.total_episodes // cfg.batch_size
         self.group = rows_kept_together(cfg, self.world)  # a prompt's samples share each minibatch
-        self._policy_params = [p for p in self.model.policy.parameters() if p.requires_grad]
+        # the auxiliary value head steps with the policy: its loss is part of the policy's
+        aux_head = [] if self.model.aux_value is None else list(self.model.aux_value.parameters())
+        self._policy_params = [p for p in self.model.policy.parameters() if p.requires_grad] + aux_head
         self._value_params = [p for p in self.model.value.parameters() if p.requires_grad]
         optimizers = [_adamw(params, cfg.learning_rate) for params in (self._policy_params, self._value_params)]
         schedule = (lambda u: 1.0) if cfg.lr_schedule == "constant" else (lambda u: 1.0 - u / self.num_updates)
@@ -203,6 +205,8 @@ class PPOTrainer:
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + update)  # minibatch order: resumable
         graphs = batch.take_graphs()  # the rollout's forwards: the first step's, rows in order
         stats: dict[str, list[float]] = {k: [] for k in (*LOSS_STATS, *NORM_STATS)}
+        if cfg.aux_value_coef > 0:
+            stats["aux_value_loss"] = []
         for epoch in range(cfg.num_ppo_epochs):
             perm = _shuffled_rows(n, self.group, gen)
             if graphs is not None and epoch == 0:
@@ -217,6 +221,8 @@ class PPOTrainer:
                     for key, val in zip(LOSS_STATS, (pg_loss, vf_loss, pst["clipfrac"], pst["approx_kl"],
                                                      vst["vf_clipfrac"]), strict=True):
                         stats[key].append(float(val.detach()))
+                    if "aux_value_loss" in pst:
+                        stats["aux_value_loss"].append(float(pst["aux_value_loss"]))
                 # each model steps on its own thread where the runner has two
                 norm_value, norm_policy = self.runner.run(partial(self._optimizer_step, 1),
                                                           partial(self._optimizer_step, 0, policy_steps))
@@ -239,24 +245,33 @@ class PPOTrainer:
         policy's where the runner has two threads. `graphs`: the forwards already run (log-probs,
         values); else each half runs its own, or, with several processes, one forward runs both."""
         with self.acc.no_sync(self.model) if not sync else nullcontext():
+            aux = None
             if graphs is None and self.world > 1:  # DDP averages gradients only through its own forward
-                logits, values = self.model(mb.ids, mb.att, mb.n_resp, mb.policy_trunk, mb.value_trunk, mb.groups)
+                logits, values, aux = self.model(mb.ids, mb.att, mb.n_resp, mb.policy_trunk, mb.value_trunk,
+                                                 mb.groups)
                 graphs = core.logprobs_of(logits, mb.response, self.cfg.temperature), values
             new_logp, values = graphs if graphs is not None else (None, None)
             return self.runner.run(partial(self._value_half, mb, values, update),
-                                   partial(self._policy_half, mb, new_logp, update))
+                                   partial(self._policy_half, mb, new_logp, aux, update))
 
-    def _policy_half(self, mb: Minibatch, new_logp: torch.Tensor | None,
+    def _policy_half(self, mb: Minibatch, new_logp: torch.Tensor | None, aux: torch.Tensor | None,
                      update: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The clipped policy loss (after the policy's forward unless `new_logp` is given), backpropagated."""
+        """The clipped policy loss (after the policy's forward unless `new_logp` is given), plus the
+        auxiliary value head's loss at aux_value_coef where there is the head, backpropagated."""
         cfg = self.cfg
         if new_logp is None:
             with self.acc.autocast():
-                logits = self.inner.policy_logits(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk, groups=mb.groups)
+                logits, aux = self.inner.policy_outputs(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk,
+                                                        groups=mb.groups)
             new_logp = core.logprobs_of(logits, mb.response, cfg.temperature)
         pg_loss, pst = core.policy_loss(new_logp, mb.logp, mb.advantages, mb.mask, cfg.cliprange)
-        _check_finite(pg_loss, update)
-        self.acc.backward(pg_loss / cfg.gradient_accumulation_steps)
+        loss = pg_loss
+        if aux is not None:  # the policy's layers learn to predict the returns too (PPG)
+            aux_loss = core.aux_value_loss(aux, mb.returns, mb.mask)
+            pst["aux_value_loss"] = aux_loss.detach()
+            loss = pg_loss + cfg.aux_value_coef * aux_loss
+        _check_finite(loss, update)
+        self.acc.backward(loss / cfg.gradient_accumulation_steps)
         return pg_loss, pst
 
     def _value_half(self, mb: Minibatch, values: torch.Tensor | None,
