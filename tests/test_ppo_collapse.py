@@ -3,6 +3,7 @@ a critic warm-up, and the warning when one answer takes over anyway."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -251,3 +252,45 @@ def test_reward_probe_script_reads_a_run(tiny_stack: dict[str, str], tmp_path: P
     assert sum(int(line.split(": ")[1].split(",")[0]) for line in bands) == 30
     missing = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode != 0 and "needs reward/ and data/train.jsonl" in missing.stderr
+
+
+@pytest.mark.parametrize("coef", [0.0, 1.0])
+def test_aux_value_head_alone_moves_the_policy(tiny_stack: dict[str, str], tmp_path: Path, coef: float) -> None:
+    """One score for every answer, lambda 1 and a value model starting at 0: every advantage is the
+    same, so whitened they are all 0 and the policy loss has nothing to push. The auxiliary value
+    head still has returns to fit, and after its first step (it starts at 0, so the policy's
+    layers get no gradient through it yet) its loss moves the policy's own weights."""
+    trainer = _trainer(tiny_stack, tmp_path / str(coef), aux_value_coef=coef, lam=1.0, missing_eos_penalty=0.0)
+    trainer.reward_fn = lambda prompts, texts, has_stop: torch.ones(len(prompts))
+    own = list(trainer.inner.policy.parameters())
+    before = [p.detach().clone() for p in own]
+    stats = trainer.learn(trainer.rollout(trainer.stream.batch(0, 8, 0, 1)), 0)
+    assert _changed(before, own) == (coef > 0)
+    assert ("aux_value_loss" in stats) == (coef > 0)
+    if coef:
+        assert stats["aux_value_loss"] > 0 and trainer.inner.aux_value is not None
+    else:
+        assert trainer.inner.aux_value is None
+
+
+def test_aux_value_head_is_checkpointed_and_left_out_of_the_policy(tiny_stack: dict[str, str],
+                                                                   tmp_path: Path) -> None:
+    """The head trains only: a resumed run gets it back from the checkpoint, policy/ loads as the
+    plain causal LM it was, and each logged row carries the head's loss."""
+    from safetensors import safe_open
+
+    out = tmp_path / "aux"
+    args = ppo_args(tiny_stack, out, total_episodes=16, save_every=1, eval_prompts=0, aux_value_coef=0.5,
+                    lr_schedule="constant")  # a longer run may resume a constant schedule
+    run_ppo = PPOTrainer(build(PPOConfig, args, "t"))
+    run_ppo.train()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["aux_value_loss"]) for r in rows)
+    with safe_open(str(out / "policy" / "model.safetensors"), "pt") as f:
+        assert not any("aux" in k for k in f.keys())
+    saved = torch.load(out / "checkpoints" / "update-000002" / "trainer.pt", weights_only=True)["model"]
+    head = run_ppo.inner.aux_value
+    assert torch.equal(saved["aux_value.weight"], head.weight.detach()) and head.weight.abs().sum() > 0
+    resumed = PPOTrainer(build(PPOConfig, {**args, "total_episodes": 24}, "t"))
+    resumed.maybe_resume()
+    assert resumed.start_update == 2 and torch.equal(resumed.inner.aux_value.weight, head.weight)
