@@ -3,7 +3,6 @@ a critic warm-up, and the warning when one answer takes over anyway."""
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_ppo import ppo_args
+from test_ppo import logged, ppo_args
 
 from rlhf.chips import action_token_index
 from rlhf.config import build
@@ -284,7 +283,7 @@ def test_aux_value_head_is_checkpointed_and_left_out_of_the_policy(tiny_stack: d
                     lr_schedule="constant")  # a longer run may resume a constant schedule
     run_ppo = PPOTrainer(build(PPOConfig, args, "t"))
     run_ppo.train()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = logged(out)
     assert len(rows) == 2 and all(math.isfinite(r["aux_value_loss"]) for r in rows)
     with safe_open(str(out / "policy" / "model.safetensors"), "pt") as f:
         assert not any("aux" in k for k in f.keys())

@@ -205,8 +205,6 @@ class PPOTrainer:
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + update)  # minibatch order: resumable
         graphs = batch.take_graphs()  # the rollout's forwards: the first step's, rows in order
         stats: dict[str, list[float]] = {k: [] for k in (*LOSS_STATS, *NORM_STATS)}
-        if cfg.aux_value_coef > 0:
-            stats["aux_value_loss"] = []
         for epoch in range(cfg.num_ppo_epochs):
             perm = _shuffled_rows(n, self.group, gen)
             if graphs is not None and epoch == 0:
@@ -221,8 +219,8 @@ class PPOTrainer:
                     for key, val in zip(LOSS_STATS, (pg_loss, vf_loss, pst["clipfrac"], pst["approx_kl"],
                                                      vst["vf_clipfrac"]), strict=True):
                         stats[key].append(float(val.detach()))
-                    if "aux_value_loss" in pst:
-                        stats["aux_value_loss"].append(float(pst["aux_value_loss"]))
+                    if "aux_value_loss" in pst:  # logged only where there is the head
+                        stats.setdefault("aux_value_loss", []).append(float(pst["aux_value_loss"]))
                 # each model steps on its own thread where the runner has two
                 norm_value, norm_policy = self.runner.run(partial(self._optimizer_step, 1),
                                                           partial(self._optimizer_step, 0, policy_steps))
