@@ -293,3 +293,59 @@ def test_aux_value_head_is_checkpointed_and_left_out_of_the_policy(tiny_stack: d
     resumed = PPOTrainer(build(PPOConfig, {**args, "total_episodes": 24}, "t"))
     resumed.maybe_resume()
     assert resumed.start_update == 2 and torch.equal(resumed.inner.aux_value.weight, head.weight)
+
+
+def test_class_means_by_hand() -> None:
+    scores = torch.tensor([1.0, 2.0, 3.0, 5.0, -4.0])
+    classes = ["increase", "increase", "decrease", "decrease", None]
+    assert torch.equal(core.class_means(scores, classes), torch.tensor([1.5, 1.5, 4.0, 4.0, 0.0]))
+    assert torch.equal(core.class_means(scores, [None] * 5), torch.zeros(5))
+
+
+def _shaped(trainer: PPOTrainer, scores: torch.Tensor, actions: list[str | None]) -> torch.Tensor:
+    """The whitened advantages of one-token answers with these scores, no KL and values of 0."""
+    zeros = torch.zeros(len(actions), 1)
+    _, advantages, _ = trainer.collect._shape(scores, actions, zeros, zeros, zeros, torch.ones(len(actions), 1), 0.0)
+    return advantages[:, 0]
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_centre_actions_leaves_only_what_the_chip_decides(tiny_stack: dict[str, str], tmp_path: Path,
+                                                          centre: bool) -> None:
+    """A reward that rates `increase` 1 above `decrease` on every chip gives no advantage once each
+    action's batch mean is out; a chip-dependent part within one action still does, and the
+    answer-mix bonus comes back after the centring."""
+    trainer = _trainer(tiny_stack, tmp_path / str(centre), centre_actions=centre)
+    actions: list[str | None] = ["increase", "increase", "decrease", "decrease"]
+    per_action = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert bool(_shaped(trainer, per_action, actions).abs().max() > 0.5) != centre
+    ranked = _shaped(trainer, per_action + torch.tensor([0.5, -0.5, 0.0, 0.0]), actions)
+    assert float(ranked[0]) > float(ranked[1])
+    if centre:
+        assert float(ranked[0]) > 0 > float(ranked[1])
+        assert float(ranked[2]) == float(ranked[3]) == pytest.approx(0.0, abs=1e-5)
+    with_bonus = _trainer(tiny_stack, tmp_path / f"bonus{centre}", centre_actions=centre, answer_entropy_coef=1.0)
+    uneven: list[str | None] = ["increase", "increase", "increase", "decrease"]
+    got = _shaped(with_bonus, torch.zeros(4), uneven)
+    assert float(got[3]) > 0 > float(got[0])  # the rare answer gains either way
+
+
+def test_centre_actions_stops_a_per_action_preference_moving_the_policy(
+        tiny_stack: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end through one update: the reward depends only on the answer's action; with the
+    class means out, every advantage is 0 and the policy does not move; without, it does."""
+    def action_of(text: str) -> str:
+        return "increase" if len(text) % 2 else "decrease"
+
+    monkeypatch.setattr(rollout_module, "judge", lambda prompt, text, stopped: (True, False, action_of(text)))
+    moved = {}
+    for centre in (False, True):
+        trainer = _trainer(tiny_stack, tmp_path / str(centre), centre_actions=centre, missing_eos_penalty=0.0)
+        trainer.reward_fn = lambda prompts, texts, has_stop: torch.tensor(
+            [float(action_of(t) == "increase") for t in texts])
+        before = _policy_weights(trainer)
+        batch = trainer.rollout(trainer.stream.batch(0, 8, 0, 1))
+        assert set(batch.actions) == {"increase", "decrease"}  # both classes, or the test shows nothing
+        trainer.learn(batch, 0)
+        moved[centre] = _changed(before, trainer._policy_params)
+    assert moved == {False: True, True: False}

@@ -76,6 +76,12 @@ class PPOConfig(ModelOptions):
                      "leave-one-out; needs samples_per_prompt >= 2); 'canonical' (minus the mean score of "
                      "each action's canonical answer to the same chip: a per-chip baseline from one sample "
                      "per prompt; chip prompts only)")
+    centre_actions: bool = field(
+        False, help="after the score baseline, take out of each answer's score the batch's mean over the answers "
+                    "with the same action (the answer-mix bonus is kept): what is left ranks an action's answers "
+                    "against each other, by chip, so nothing pushes one action up everywhere, not even the luck "
+                    "of which chips a batch gave which action; like action_offset_chips, it assumes each action "
+                    "is right on about as many chips as another")
     answer_entropy_coef: float = field(
         0.0, min=0, help="bonus coef * -log(share of the answer's action in the batch), centred: ascends the entropy "
                   "of the batch's action mix, so no single answer takes over every prompt, while the policy "

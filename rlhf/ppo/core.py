@@ -128,6 +128,22 @@ def centre_scores(scores: Tensor, mode: str, group_size: int = 1, baseline: Tens
     raise ValueError(f"score baseline must be 'none', 'batch', 'group' or 'canonical', got {mode!r}")
 
 
+def class_means(scores: Tensor, classes: list[str | None]) -> Tensor:
+    """Each score's class mean: the mean score of the batch's answers of its class (an action here;
+    0 for an answer with no class), which `centre_actions` takes out.
+
+    Taken out of the scores, it leaves each action's answers ranked against each other only: an
+    action's answers score above their class mean on the chips where that action is better than on
+    the others. While the policy's action mix is the same on every chip, the gradient on that mix is
+    then exactly zero in every batch, so the mix no longer random-walks on which chips a batch drew
+    for which action; only what the chip decides pushes."""
+    out = torch.zeros_like(scores)
+    for c in {c for c in classes if c is not None}:
+        rows = torch.tensor([k == c for k in classes], device=scores.device)
+        out[rows] = scores[rows].mean()
+    return out
+
+
 def action_offsets(scores: Tensor) -> Tensor:
     """Each action's mean lead over the chip's mean, from scores [n_chips, n_actions] of one answer
     per action on each chip: offset_a = mean_c (s[c, a] - mean_a' s[c, a']).

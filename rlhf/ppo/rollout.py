@@ -305,6 +305,9 @@ class Collector:
         # less its baseline (none, batch or the prompt's other samples)
         centred = core.centre_scores(self.learning_scores(scores, actions), cfg.score_baseline,
                                      cfg.samples_per_prompt, baseline)
+        if cfg.centre_actions:  # every per-action constant goes, but the answer-mix bonus comes back
+            bonus = core.answer_entropy_bonus(actions, cfg.answer_entropy_coef).to(centred.device)
+            centred = centred - core.class_means(centred - bonus, actions)
         rewards = core.per_token_rewards(centred, kl, mask, kl_coef)
         if cfg.whiten_rewards:
             rewards = core.masked_whiten(rewards, mask, shift_mean=False)
