@@ -119,6 +119,8 @@ def test_canonical_baseline_learns_nothing_from_a_score_that_only_depends_on_the
     trainer.learn(trainer.rollout(trainer.stream.batch(0, 8, 0, 1)), 0)
     assert _changed(before, trainer._policy_params) == (baseline == "none")
     assert calls == ([8 * 3, 8] if baseline == "canonical" else [8])  # each action's answer per chip, then the batch
+    trainer.rollout(trainer.stream.batch(0, 8, 0, 1))
+    assert calls[-2:] == [8, 8]  # the same chips again: their canonical answers are not scored twice
 
 
 def test_canonical_baseline_by_hand() -> None:

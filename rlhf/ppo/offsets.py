@@ -8,8 +8,8 @@ in the prompt's language) on the first chips of the training prompts; `core.acti
 that into each action's lead, which `Collector.learning_scores` subtracts from the answers with that
 action (it knows each answer's action already).
 
-`canonical_baselines` scores the same canonical answers for every prompt of a batch, as it is
-collected: their mean is what the reward model gives that chip whatever the answer, which
+`CanonicalBaselines` scores the same canonical answers for each prompt of a batch the first time it
+comes: their mean is what the reward model gives that chip whatever the answer, which
 `score_baseline canonical` takes out of the chip's answers (see `PPOConfig.score_baseline`).
 """
 
@@ -52,9 +52,27 @@ def probe_action_offsets(score: ScoreFn, prompts: list[Prompt], n_chips: int) ->
     return {action: float(o) for action, o in zip(ACTIONS, offsets)}
 
 
-def canonical_baselines(score: ScoreFn, prompts: list[Prompt]) -> torch.Tensor:
-    """[len(prompts)]: the mean score of the canonical answers to each prompt (all chip prompts)."""
-    return canonical_scores(score, prompts).mean(1)
+class CanonicalBaselines:
+    """[len(prompts)] for a batch: the mean score of the canonical answers to each prompt (all chip
+    prompts), each prompt scored once per run. The scorers are frozen, and every training prompt
+    comes back about total_episodes / len(prompts) times (9 in the demo), so scoring each batch
+    anew would cost three answers' scoring per episode for the same numbers."""
+
+    def __init__(self, score: ScoreFn) -> None:
+        self.score = score
+        self.known: dict[tuple[tuple[str, str], ...], float] = {}
+
+    def __call__(self, prompts: list[Prompt]) -> torch.Tensor:
+        keys = [_key(p) for p in prompts]
+        new = list({k: p for k, p in zip(keys, prompts) if k not in self.known}.items())
+        if new:
+            means = canonical_scores(self.score, [p for _, p in new]).mean(1)
+            self.known.update(zip([k for k, _ in new], means.tolist()))
+        return torch.tensor([self.known[k] for k in keys])
+
+
+def _key(prompt: Prompt) -> tuple[tuple[str, str], ...]:
+    return tuple((m["role"], m["content"]) for m in prompt)
 
 
 def check_canonical_prompts(prompts: list[Prompt]) -> None:

@@ -36,7 +36,7 @@ from rlhf.ppo.checkpoint import Checkpoints, check_output_folders, save_outputs
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.metrics import CollapseWatch, check_row, final_metrics, logged_rows, plot_ppo_curves, rollout_stats
 from rlhf.ppo.models import PolicyAndValue, load_models
-from rlhf.ppo.offsets import canonical_baselines, check_canonical_prompts, probe_action_offsets
+from rlhf.ppo.offsets import CanonicalBaselines, check_canonical_prompts, probe_action_offsets
 from rlhf.ppo.parallel import make_runner
 from rlhf.ppo.rollout import Collector, Minibatch, Prompt, PromptStream, Rollout, rows_kept_together
 from rlhf.rewards import build_reward
@@ -100,7 +100,7 @@ class PPOTrainer:
         baselines = None
         if cfg.score_baseline == "canonical":  # each chip's mean score over the canonical answers
             check_canonical_prompts(self.stream.prompts)
-            baselines = partial(canonical_baselines, self._score)
+            baselines = CanonicalBaselines(self._score)
         self.collect = Collector(cfg, self.acc, self.inner, self.reference, self.tok, self.stops, self.runner,
                                  self._score, self._reward_parts, self.world, self.action_offsets, baselines)
 
