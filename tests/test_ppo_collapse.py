@@ -351,3 +351,22 @@ def test_centre_actions_stops_a_per_action_preference_moving_the_policy(
         trainer.learn(batch, 0)
         moved[centre] = _changed(before, trainer._policy_params)
     assert moved == {False: True, True: False}
+
+
+def test_canonical_baselines_come_back_with_a_resume(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    """A resumed run takes each chip's baseline from the checkpoint, as scored before the stop: not
+    rescored in other batches (other float rounding), nor scored twice."""
+    trainer = _trainer(tiny_stack, tmp_path / "run", score_baseline="canonical")
+    prompts = trainer.stream.batch(0, 8, 0, 1)
+    before = trainer.collect.baselines(prompts)
+    trainer.save_checkpoint(1)
+    again = _trainer(tiny_stack, tmp_path / "run", score_baseline="canonical")
+    again.maybe_resume()
+    assert again.start_update == 1
+    calls: list[int] = []
+    again.collect.baselines.score = lambda p, t, s: calls.append(len(p)) or torch.zeros(len(p))
+    assert torch.equal(again.collect.baselines(prompts), before) and calls == []
+    fresh = _trainer(tiny_stack, tmp_path / "fresh", score_baseline="canonical")
+    fresh.collect.baselines.score = again.collect.baselines.score
+    fresh.collect.baselines(prompts)
+    assert calls == [8 * 3]  # without the checkpoint every chip is scored

@@ -87,8 +87,9 @@ class Checkpoints:
         return sorted(p for p in root.glob("update-*") if (p / "state.json").is_file()) if root.is_dir() else []
 
     def save(self, update: int, model: nn.Module, optimizers: list[Any], schedulers: list[Any],
-             kl_coef: float) -> None:
-        """Everything needed to continue exactly: weights/adapters, optimizer, scheduler, RNG, position."""
+             kl_coef: float, local: dict[str, Any] | None = None) -> None:
+        """Everything needed to continue exactly: weights/adapters, optimizer, scheduler, RNG, position,
+        and `local`, this process's own state (plain containers only), returned by `resume`."""
         acc, rank = self.acc, self.acc.process_index
         acc.wait_for_everyone()
         final = self.root / f"update-{update:06d}"
@@ -102,6 +103,7 @@ class Checkpoints:
                        tmp / "trainer.pt")
         acc.wait_for_everyone()
         torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        torch.save(local or {}, tmp / f"local-{rank}.pt")
         acc.wait_for_everyone()
         if acc.is_main_process:
             atomic_write_json(tmp / "state.json", {"update": update, "kl_coef": kl_coef,
@@ -119,10 +121,10 @@ class Checkpoints:
         return key in self._trainable
 
     def resume(self, model: nn.Module, optimizers: list[Any], schedulers: list[Any],
-               num_updates: int) -> tuple[int, float] | None:
+               num_updates: int) -> tuple[int, float, dict[str, Any]] | None:
         """Restore the last checkpoint into the model, optimizers, schedulers and RNGs and return its
-        (update, KL coefficient); None when this run starts fresh (the folder's old log and
-        checkpoints are then removed)."""
+        (update, KL coefficient, this process's `local` state); None when this run starts fresh (the
+        folder's old log and checkpoints are then removed)."""
         ckpts = self.dirs()
         if not (self.cfg.resume and ckpts) or self.cfg.overwrite:
             self.start_fresh()
@@ -147,6 +149,8 @@ class Checkpoints:
         for sch, sd in zip(schedulers, blob["schedulers"], strict=True):
             sch.load_state_dict(sd)
         set_rng_state(load_checkpoint_file(ck / f"rng-{acc.process_index}.pt"))
+        local_file = ck / f"local-{acc.process_index}.pt"
+        local = load_checkpoint_file(local_file) if local_file.is_file() else {}
         update = state["update"]
         log = self.out / "metrics.jsonl"
         if acc.is_main_process and log.exists():  # drop rows logged after the checkpoint
@@ -155,7 +159,7 @@ class Checkpoints:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
             os.replace(tmp, log)
         print(f"resuming from {ck} (update {update} of {num_updates})", flush=True)
-        return update, state["kl_coef"]
+        return update, state["kl_coef"], local
 
     def start_fresh(self) -> None:
         """A run that does not resume starts its own metrics.jsonl and checkpoints: an earlier run's

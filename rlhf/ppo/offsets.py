@@ -70,6 +70,14 @@ class CanonicalBaselines:
             self.known.update(zip([k for k, _ in new], means.tolist()))
         return torch.tensor([self.known[k] for k in keys])
 
+    def state(self) -> list[tuple[tuple[tuple[str, str], ...], float]]:
+        """What a checkpoint keeps: rescored after a resume in other batches, a prompt's baseline
+        could differ in float rounding, and the run would no longer end as an uninterrupted one."""
+        return list(self.known.items())
+
+    def load(self, state: list[tuple[tuple[tuple[str, str], ...], float]]) -> None:
+        self.known = {tuple(tuple(m) for m in key): float(v) for key, v in state}
+
 
 def _key(prompt: Prompt) -> tuple[tuple[str, str], ...]:
     return tuple((m["role"], m["content"]) for m in prompt)

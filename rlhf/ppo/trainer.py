@@ -324,13 +324,17 @@ class PPOTrainer:
         return row
 
     def save_checkpoint(self, update: int) -> None:
-        self.checkpoints.save(update, self.inner, self.optimizers, self.schedulers, self.kl_coef)
+        baselines = self.collect.baselines
+        local = {"canonical_baselines": baselines.state()} if isinstance(baselines, CanonicalBaselines) else None
+        self.checkpoints.save(update, self.inner, self.optimizers, self.schedulers, self.kl_coef, local)
 
     def maybe_resume(self) -> None:
         """Continue from the folder's last checkpoint (when `resume` and there is one), else start fresh."""
         resumed = self.checkpoints.resume(self.inner, self.optimizers, self.schedulers, self.num_updates)
         if resumed is not None:
-            self.start_update, self.kl_coef = resumed
+            self.start_update, self.kl_coef, local = resumed
+            if isinstance(self.collect.baselines, CanonicalBaselines) and "canonical_baselines" in local:
+                self.collect.baselines.load(local["canonical_baselines"])
             if self.kl_ctl:
                 self.kl_ctl.value = self.kl_coef
 
