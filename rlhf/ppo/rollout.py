@@ -302,11 +302,11 @@ class Collector:
         -kl_coef * KL_t with the centred score on each answer's last token."""
         cfg = self.cfg
         kl = core.kl_per_token(logp, ref_logp, cfg.kl_estimator) * mask
+        bonus = core.answer_entropy_bonus(actions, cfg.answer_entropy_coef).to(scores.device)
         # less its baseline (none, batch or the prompt's other samples)
-        centred = core.centre_scores(self.learning_scores(scores, actions), cfg.score_baseline,
+        centred = core.centre_scores(self.learning_scores(scores, actions, bonus), cfg.score_baseline,
                                      cfg.samples_per_prompt, baseline)
         if cfg.centre_actions:  # every per-action constant goes, but the answer-mix bonus comes back
-            bonus = core.answer_entropy_bonus(actions, cfg.answer_entropy_coef).to(centred.device)
             centred = centred - core.class_means(centred - bonus, actions)
         rewards = core.per_token_rewards(centred, kl, mask, kl_coef)
         if cfg.whiten_rewards:
@@ -314,13 +314,15 @@ class Collector:
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         return kl, core.masked_whiten(advantages, mask), returns
 
-    def learning_scores(self, scores: torch.Tensor, actions: list[str | None]) -> torch.Tensor:
+    def learning_scores(self, scores: torch.Tensor, actions: list[str | None],
+                        bonus: torch.Tensor | None = None) -> torch.Tensor:
         """What PPO learns from before the baseline: each score [B] less the reward's lead for the
         answer's action (0 without action_offset_chips, or for an invalid answer), plus the
-        answer-mix bonus."""
+        answer-mix bonus (`bonus`, when the caller has it already)."""
         shift = torch.tensor([self.action_offsets.get(a, 0.0) for a in actions],  # None: no offset
                              dtype=scores.dtype, device=scores.device)
-        bonus = core.answer_entropy_bonus(actions, self.cfg.answer_entropy_coef).to(scores.device)
+        if bonus is None:
+            bonus = core.answer_entropy_bonus(actions, self.cfg.answer_entropy_coef).to(scores.device)
         return scores - shift + bonus
 
     def _value_prompt_state(self, ids: torch.Tensor, att: torch.Tensor) -> KeyValues:

@@ -97,12 +97,12 @@ class PPOTrainer:
         self.action_offsets: dict[str, float] = {}
         if cfg.action_offset_chips:  # the reward's lead per action, out of every score PPO learns from
             self.action_offsets = probe_action_offsets(self._score, self.stream.prompts, cfg.action_offset_chips)
-        baselines = None
+        self.canonical: CanonicalBaselines | None = None
         if cfg.score_baseline == "canonical":  # each chip's mean score over the canonical answers
             check_canonical_prompts(self.stream.prompts)
-            baselines = CanonicalBaselines(self._score)
+            self.canonical = CanonicalBaselines(self._score)
         self.collect = Collector(cfg, self.acc, self.inner, self.reference, self.tok, self.stops, self.runner,
-                                 self._score, self._reward_parts, self.world, self.action_offsets, baselines)
+                                 self._score, self._reward_parts, self.world, self.action_offsets, self.canonical)
 
     @property
     def inner(self) -> PolicyAndValue:  # the model without its DDP wrapper
@@ -324,8 +324,7 @@ class PPOTrainer:
         return row
 
     def save_checkpoint(self, update: int) -> None:
-        baselines = self.collect.baselines
-        local = {"canonical_baselines": baselines.state()} if isinstance(baselines, CanonicalBaselines) else None
+        local = {"canonical_baselines": self.canonical.state()} if self.canonical is not None else None
         self.checkpoints.save(update, self.inner, self.optimizers, self.schedulers, self.kl_coef, local)
 
     def maybe_resume(self) -> None:
@@ -333,8 +332,8 @@ class PPOTrainer:
         resumed = self.checkpoints.resume(self.inner, self.optimizers, self.schedulers, self.num_updates)
         if resumed is not None:
             self.start_update, self.kl_coef, local = resumed
-            if isinstance(self.collect.baselines, CanonicalBaselines) and "canonical_baselines" in local:
-                self.collect.baselines.load(local["canonical_baselines"])
+            if self.canonical is not None and "canonical_baselines" in local:
+                self.canonical.load(local["canonical_baselines"])
             if self.kl_ctl:
                 self.kl_ctl.value = self.kl_coef
 
