@@ -6,7 +6,7 @@ Usage:
         [--parallel-value false,true] [--ours-set KEY=VALUE ...] [--json-out diff.json]
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_trl_diff.py                          # the check
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_trl_diff.py --ours-set max_grad_norm=1e9
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_trl_diff.py --ours-set max_grad_norm=0  # no clipping
 
 Exit code 0 when every gated quantity agrees within its tolerance after the known layout differences
 are mapped, 1 otherwise (2: the run itself failed).
@@ -520,7 +520,7 @@ def compare(t: Table, trl: dict[str, Any], ours: dict[str, Any], clip: str) -> l
                 max(abs(a - b["value"]) / b["value"] for a, b in zip(val_norms, mn)))
         t.add("gradient norms before clipping, all steps (vs mapped + clip)", d, d, TOL["grad_rel"], rel_gate=True)
     t.info(f"  our policy grad norms {', '.join(f'{x:.3g}' for x in pol_norms)}; clipped at "
-           f"{ours['cfg'].max_grad_norm:g}", 0.0, 0.0, "info")
+           f"{clip}", 0.0, 0.0, "info")
 
     # the update
     init_t, init_o = trl["init"], ours["init"]
@@ -543,7 +543,8 @@ def compare(t: Table, trl: dict[str, Any], ours: dict[str, Any], clip: str) -> l
                f"mapped TRL {size_m:.4g} (ours / TRL {size_o / size_t:.3f})", abs(size_o - size_t),
                abs(size_o - size_t) / size_t, "info")
         reasons = [KNOWN_P1] if has_p1 else []
-        clipped = any(n > ours["cfg"].max_grad_norm for n in (pol_norms if prefix == "policy." else val_norms))
+        norms = pol_norms if prefix == "policy." else val_norms
+        clipped = clip != "none" and any(n > ours["cfg"].max_grad_norm for n in norms)
         if clipped:
             reasons.append(f"we clip gradients at {ours['cfg'].max_grad_norm:g} per model, TRL does not")
         # relative: ||change ours - change TRL|| / ||change TRL|| over the model's tensors together
@@ -597,7 +598,7 @@ def main() -> int:
                     help="parallel_value true on one torch thread: run the side thread's halves one after the "
                          "other (sequential) or use the trainer's real second thread (needs 2 torch threads)")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="set one of our PPO config keys (repeatable), e.g. max_grad_norm=1e9 (TRL: no clipping)")
+                    help="set one of our PPO config keys (repeatable), e.g. max_grad_norm=0 (no clipping, as TRL)")
     add_bench_settings(ap)
     ap.add_argument("--prompt-offset", type=int, default=0, help="the batch: prompts.jsonl rows offset..offset+8")
     ap.add_argument("--seed", type=int, default=42)
@@ -610,7 +611,7 @@ def main() -> int:
     overrides = parse_sets(a.ours_set)
     pv = [{"true": True, "false": False}[x.strip().lower()] for x in a.parallel_value.split(",") if x.strip()]
     max_norm = float(overrides.get("max_grad_norm", 1.0))
-    clip = "none" if max_norm >= 1e8 else repr(max_norm)
+    clip = "none" if max_norm == 0 or max_norm >= 1e8 else repr(max_norm)
     batches = [b.strip() for b in a.batches.split(",") if b.strip()]
     if not set(batches) <= set(BATCHES):
         ap.error(f"--batches: any of {', '.join(BATCHES)}; got {a.batches!r}")

@@ -224,7 +224,7 @@ CASES: list[Case] = [
     bound(PPO, "gradient_accumulation_steps", "0", ">= 1"),
     bound(PPO, "samples_per_prompt", "0", ">= 1"),
     bound(PPO, "total_episodes", "0", ">= 1"),
-    bound(PPO, "max_grad_norm", "0", "> 0", "0.0"),
+    bound(PPO, "max_grad_norm", "-1", ">= 0", "-1.0"),
     bound(PPO, "vf_coef", "-1", ">= 0", "-1.0"),
     bound(PPO, "target_kl", "0", "> 0", "0.0"),
     bound(PPO, "score_clip", "-1", ">= 0", "-1.0"),

@@ -577,3 +577,23 @@ def test_a_policy_folder_rlhf_did_not_write_is_refused_before_training(tiny_stac
     run(build(PPOConfig, {**args, "overwrite": True}, "t"))
     assert not mine.exists() and (out / "policy" / ".rlhf-owned").is_file()
     run(build(PPOConfig, {**args, "resume": False}, "t"))  # its own policy/ is replaced without the flag
+
+
+@pytest.mark.parametrize(("max_grad_norm", "expected_step_norm"), [(1.0, 1.0), (0.0, 10.0)])
+def test_max_grad_norm_zero_turns_clipping_off(max_grad_norm: float, expected_step_norm: float) -> None:
+    """0 steps with the raw gradient (TRL 1.12's PPO never clips) and still reports its norm."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from rlhf.ppo.trainer import PPOTrainer
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    w.grad = torch.tensor([6.0, 8.0])  # norm 10
+    sgd = torch.optim.SGD([w], lr=1.0)  # the step is minus the (clipped) gradient
+    owner = SimpleNamespace(_policy_params=[w], _value_params=[], acc=Accelerator(cpu=True),
+                            cfg=SimpleNamespace(max_grad_norm=max_grad_norm), optimizers=[sgd, None])
+    norm = PPOTrainer._optimizer_step(owner, 0)
+    assert float(norm) == pytest.approx(10.0)
+    assert float(w.detach().norm()) == pytest.approx(expected_step_norm, rel=1e-5)
+    assert w.grad is None

@@ -109,7 +109,8 @@ class PPOConfig(ModelOptions):
     vf_coef: float = field(0.1, help="value-loss coefficient", min=0)
     gamma: float = field(1.0, help="discount", min=0, max=1)
     lam: float = field(0.95, help="GAE lambda", min=0, max=1)
-    max_grad_norm: float = field(1.0, help="gradient clipping", gt=0)
+    max_grad_norm: float = field(1.0, help="per-model gradient-norm clip (0: off, as in TRL 1.12's PPO); with "
+                                 "Adam, clipping spikes raises the typical step: see README, bench", min=0)
     early_stop_kl: float = field(0.0, help="stop an epoch when approx KL exceeds this (0: off)", min=0)
     value_warmup_updates: int = field(0, help="first N updates train the value model only (critic warm-up)", min=0)
     collapse_share: float = field(0.9, help="warn when one action takes more than this share of a batch while "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import random
 import time
 from contextlib import nullcontext
@@ -291,7 +292,8 @@ class PPOTrainer:
         on its own: one joint norm lets a large value gradient (early, while the values are far off)
         shrink the policy's step as well."""
         params = (self._policy_params, self._value_params)[which]
-        norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        # max_grad_norm 0: an infinite bound scales by exactly 1, so the norm is still logged
+        norm = self.acc.clip_grad_norm_(params, self.cfg.max_grad_norm or math.inf)
         if step:
             self.optimizers[which].step()
         self.optimizers[which].zero_grad(set_to_none=True)
