@@ -217,7 +217,9 @@ def test_action_offsets_take_a_per_action_preference_out_of_the_score(
     prompt = trainer.stream.prompts[0]
     answers = [format_advice(a, rule_reason(a)) for a in ("increase", "decrease", "no_change")] + ["not json"]
     scores = trainer.collect.score([prompt] * 4, answers, torch.ones(4, dtype=torch.bool))
-    got = trainer.collect.learning_scores(scores, [judge(prompt[-1]["content"], a)[2] for a in answers])
+    actions = [judge(prompt[-1]["content"], a)[2] for a in answers]
+    bonus = core.answer_entropy_bonus(actions, trainer.cfg.answer_entropy_coef)
+    got = trainer.collect.learning_scores(scores, actions, bonus)
     base = len(prompt[-1]["content"]) % 5
     if chips:
         assert trainer.action_offsets == pytest.approx({"increase": 2 / 3, "decrease": -1 / 3, "no_change": -1 / 3})

@@ -314,15 +314,12 @@ class Collector:
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         return kl, core.masked_whiten(advantages, mask), returns
 
-    def learning_scores(self, scores: torch.Tensor, actions: list[str | None],
-                        bonus: torch.Tensor | None = None) -> torch.Tensor:
+    def learning_scores(self, scores: torch.Tensor, actions: list[str | None], bonus: torch.Tensor) -> torch.Tensor:
         """What PPO learns from before the baseline: each score [B] less the reward's lead for the
         answer's action (0 without action_offset_chips, or for an invalid answer), plus the
-        answer-mix bonus (`bonus`, when the caller has it already)."""
+        answer-mix bonus [B] (`core.answer_entropy_bonus`)."""
         shift = torch.tensor([self.action_offsets.get(a, 0.0) for a in actions],  # None: no offset
                              dtype=scores.dtype, device=scores.device)
-        if bonus is None:
-            bonus = core.answer_entropy_bonus(actions, self.cfg.answer_entropy_coef).to(scores.device)
         return scores - shift + bonus
 
     def _value_prompt_state(self, ids: torch.Tensor, att: torch.Tensor) -> KeyValues:
