@@ -589,10 +589,33 @@ def test_max_grad_norm_zero_turns_clipping_off(max_grad_norm: float, expected_st
     w = torch.nn.Parameter(torch.zeros(2))
     w.grad = torch.tensor([6.0, 8.0])  # norm 10
     sgd = torch.optim.SGD([w], lr=1.0)  # the step is minus the (clipped) gradient
-    acc = SimpleNamespace(clip_grad_norm_=torch.nn.utils.clip_grad_norm_)  # what Accelerator runs on one CPU
-    owner = SimpleNamespace(_policy_params=[w], _value_params=[], acc=acc,
-                            cfg=SimpleNamespace(max_grad_norm=max_grad_norm), optimizers=[sgd, None])
+    owner = SimpleNamespace(_policy_params=[w], _value_params=[], _steppers=[(torch.nn.utils.clip_grad_norm_, sgd)],
+                            cfg=SimpleNamespace(max_grad_norm=max_grad_norm))
     norm = PPOTrainer._optimizer_step(owner, 0)
     assert float(norm) == pytest.approx(10.0)
     assert float(w.detach().norm()) == pytest.approx(expected_step_norm, rel=1e-5)
     assert w.grad is None
+
+
+@pytest.mark.parametrize(("distributed", "scaler", "bare"), [("NO", None, True), ("NO", object(), False),
+                                                              ("MULTI_CPU", None, False)])
+def test_steppers_bypass_accelerate_only_where_it_adds_nothing(distributed: str, scaler: object, bare: bool) -> None:
+    """One process without a loss scaler steps the bare optimizer with torch's clip; several processes
+    or fp16's scaler keep accelerate's, which reduce or unscale the gradients first."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rlhf.ppo.trainer import _steppers
+
+    inner = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2)]
+    wrapped = [SimpleNamespace(optimizer=opt) for opt in inner]
+    acc = SimpleNamespace(distributed_type=DistributedType[distributed], scaler=scaler,
+                          clip_grad_norm_=lambda params, max_norm: None)
+    got = _steppers(acc, wrapped)
+    if bare:
+        assert [opt for _, opt in got] == inner
+        assert all(clip is torch.nn.utils.clip_grad_norm_ for clip, _ in got)
+    else:
+        assert [opt for _, opt in got] == wrapped
+        assert all(clip == acc.clip_grad_norm_ for clip, _ in got)
