@@ -58,6 +58,8 @@ class EvalConfig:
     ollama_host: str = field("", help="Ollama host(s), comma-separated (default $OLLAMA_HOST)")
     temperature: float = field(0.7, help="temperature of the sampled pass and of the KL log-probs (PPO's)", gt=0)
     max_new_tokens: int = field(48, help="answer length budget", min=1)
+    draws: int = field(1, help="sampled answers per prompt in the sampled pass (its agreement, reward and KL "
+                               "average them): 4 halves the sampling noise of 1", min=1)
     batch_size: int = field(64, help="prompts per generation batch", min=1)
     normalize_reward: bool = field(True, help="standardise reward-model scores by the reward stage's held-out stats")
     n_samples: int = field(3, help="greedy sample answers kept per model in metrics.json", min=0)
@@ -137,7 +139,7 @@ def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: Mixe
     # model: differences are the models'.
     passes = evaluate_model(model, tok, prompts, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                             seed=cfg.seed + 1, batch_size=cfg.batch_size, n_samples=cfg.n_samples, score=scorer,
-                            on_batch=kl_to_reference if ref_model is not None else None)
+                            on_batch=kl_to_reference if ref_model is not None else None, draws=cfg.draws)
     greedy, sampled = passes["greedy"], passes["sampled"]
     return {
         "kind": "local", "path": path,
@@ -152,35 +154,46 @@ def eval_local(path: str, prompts: list[Messages], cfg: EvalConfig, scorer: Mixe
 
 def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: MixedReward | None,
                 length_tok: Any) -> dict[str, Any]:
-    """A model served by Ollama: greedy = temperature 0; sampled = `temperature` with a fixed seed."""
-    from rlhf.ollama.pool import OllamaPool
-
+    """A model served by Ollama: greedy = temperature 0; sampled = `temperature` with a fixed seed
+    per draw."""
     out: dict[str, Any] = {"kind": "ollama", "path": f"ollama:{name}"}
     answers: dict[str, list[str]] = {}
     judged: dict[str, dict[str, Any]] = {}
     finished = [True] * len(prompts)  # Ollama stops at the template's stop tokens: answers are complete as returned
-    for mode, options in (("greedy", {"temperature": 0, "seed": cfg.seed}),
-                          ("sampled", {"temperature": cfg.temperature, "seed": cfg.seed})):
-        pool = OllamaPool(model=name, hosts=cfg.ollama_host or None, concurrency=cfg.concurrency,
-                          timeout=cfg.timeout, options={**options, "num_predict": cfg.max_new_tokens})
-        try:
-            pool.check()
-            with ThreadPoolExecutor(max_workers=pool.concurrency * len(pool.hosts)) as ex:
-                results = list(ex.map(pool.chat_text, prompts))
-        finally:
-            pool.close()
-        failed = [r.error for r in results if not r.ok]
-        if failed:
-            raise UserError(f"Ollama model {name}: {len(failed)} of {len(results)} requests failed "
-                            f"(first: {failed[0]}); check the server and rerun")
-        answers[mode] = [r.text for r in results]
-        judged[mode] = judge_answers(prompts, answers[mode], finished, length_tok=length_tok, n_samples=cfg.n_samples)
+    # the sampled pass: one request per prompt and draw, draw d at seed + d (one seed would repeat an answer)
+    sampled = [{"temperature": cfg.temperature, "seed": cfg.seed + d} for d in range(cfg.draws)]
+    for mode, draws in (("greedy", [{"temperature": 0, "seed": cfg.seed}]), ("sampled", sampled)):
+        answers[mode] = [text for options in draws for text in _ollama_answers(name, prompts, cfg, options)]
+        asked = prompts * len(draws)
+        judged[mode] = judge_answers(asked, answers[mode], finished * len(draws), length_tok=length_tok,
+                                     n_samples=cfg.n_samples)
         out[f"agreement_{mode}"], out[f"json_valid_{mode}"] = judged[mode]["agreement"], judged[mode]["json_valid"]
-    out["reward_mean"] = float(scorer(prompts, answers["sampled"], finished).mean()) if scorer else None
+    sampled_prompts = prompts * cfg.draws
+    out["reward_mean"] = (float(scorer(sampled_prompts, answers["sampled"], finished * cfg.draws).mean())
+                          if scorer else None)
     out["kl_to_reference"] = None  # Ollama returns no token log-probabilities
     out["mean_length"] = judged["greedy"]["mean_length"]
     out["samples"] = judged["greedy"]["samples"]
     return out
+
+
+def _ollama_answers(name: str, prompts: list[Messages], cfg: EvalConfig, options: dict[str, Any]) -> list[str]:
+    """One answer per prompt from an Ollama model at these options, all requests at once."""
+    from rlhf.ollama.pool import OllamaPool
+
+    pool = OllamaPool(model=name, hosts=cfg.ollama_host or None, concurrency=cfg.concurrency,
+                      timeout=cfg.timeout, options={**options, "num_predict": cfg.max_new_tokens})
+    try:
+        pool.check()
+        with ThreadPoolExecutor(max_workers=pool.concurrency * len(pool.hosts)) as ex:
+            results = list(ex.map(pool.chat_text, prompts))
+    finally:
+        pool.close()
+    failed = [r.error for r in results if not r.ok]
+    if failed:
+        raise UserError(f"Ollama model {name}: {len(failed)} of {len(results)} requests failed "
+                        f"(first: {failed[0]}); check the server and rerun")
+    return [r.text for r in results]
 
 
 COLUMNS = [("agreement_greedy", "agree"), ("agreement_sampled", "agree@T"), ("json_valid_greedy", "json"),

@@ -164,12 +164,15 @@ def _decode(tok: Any, response: torch.Tensor, stops: list[int]) -> tuple[list[st
 def evaluate_model(model: Any, tok: Any, prompts: list[Messages], *, max_new_tokens: int, seed: int,
                    temperature: float = 1.0, modes: tuple[Pass, ...] = ("greedy", "sampled"), batch_size: int = 64,
                    n_samples: int = 4, score: ScoreFn | None = None,
-                   on_batch: Callable[[Generated], None] | None = None) -> dict[str, dict[str, Any]]:
+                   on_batch: Callable[[Generated], None] | None = None, draws: int = 1) -> dict[str, dict[str, Any]]:
     """The held-out evaluation of a policy, one pass per mode: 'greedy', and 'sampled' at `temperature`.
     Each pass: {agreement, json_valid, mean_length, action_share, samples} of `judge_answers`, and
     its answers (texts, has_stop). The sampled pass only, as PPO and `rlhf eval` measure them on
     sampled answers: reward_mean, the mean of `score` (a reward source, (prompts, texts, has_stop)
     -> scores) over its answers, and `on_batch` called with each batch as generated.
+    draws: answers the sampled pass draws per prompt (each prompt's in a row), and its means are
+    over all of them: one answer on each of 100 prompts at agreement ~0.3 has a standard error of
+    0.046, four answers 0.023 (less, by how much a prompt's answers agree among themselves).
 
     Every pass starts from `seed` (greedy decoding draws no random numbers), in eval mode; the
     caller's RNG state and train/eval mode are restored after, so evaluation neither depends on nor
@@ -181,7 +184,9 @@ def evaluate_model(model: Any, tok: Any, prompts: list[Messages], *, max_new_tok
     try:
         for mode in modes:
             torch.manual_seed(seed)
-            out[mode] = _judged_pass(model, tok, prompts, mode == "sampled", temperature, max_new_tokens,
+            sampled = mode == "sampled"
+            asked = [p for p in prompts for _ in range(draws)] if sampled else prompts
+            out[mode] = _judged_pass(model, tok, asked, sampled, temperature, max_new_tokens,
                                      batch_size, n_samples, score, on_batch)
     finally:
         torch.random.set_rng_state(rng)

@@ -116,7 +116,7 @@ def evaluate(model: Any, tok: Any, prompts: list[Any], ppo: dict[str, Any], seed
     from rlhf.generation import evaluate_model
 
     r = evaluate_model(model, tok, prompts, temperature=ppo["temperature"], max_new_tokens=ppo["response_length"],
-                       seed=seed + 12345)
+                       seed=seed + 12345, draws=ppo.get("eval_draws", 1))
     return {mode: {k: r[mode][k] for k in ("agreement", "json_valid", "mean_length", "action_share")}
             for mode in ("greedy", "sampled")}
 

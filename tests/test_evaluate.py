@@ -175,3 +175,44 @@ def test_models_are_a_list_from_yaml_or_comma_separated_on_the_command_line(tmp_
     assert parse(EvalConfig, ["--ollama_models", "m1,l=m2"], "eval").ollama_models == ["m1", "l=m2"]
     with pytest.raises(UserError, match="nothing to evaluate"):
         build(EvalConfig, {"models": [" "]}, "test")
+
+
+def test_draws_judge_several_sampled_answers_per_prompt(assets, monkeypatch):
+    """draws=2: the sampled pass asks each prompt twice in a row and averages over both answers;
+    the greedy pass asks each once."""
+    import rlhf.generation as generation
+
+    prompts = _prompts(assets["data"])[:5]
+    asked: list[tuple[bool, list]] = []
+
+    def fake_generate(model, tok, batch, *, do_sample, **kw):  # every other answer is the teacher's
+        asked.append((do_sample, list(batch)))
+        start = sum(len(b) for s, b in asked[:-1] if s == do_sample)
+        texts = [format_advice(rule_action(spec_from_prompt(p[-1]["content"])), "why") if (start + i) % 2 == 0
+                 else "no idea" for i, p in enumerate(batch)]
+        return generation.Generated(None, None, None, texts, [True] * len(batch))
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    model = torch.nn.Linear(1, 1)
+    out = generation.evaluate_model(model, None, prompts, max_new_tokens=8, seed=0, batch_size=4, draws=2)
+    sampled = [p for s, b in asked if s for p in b]
+    assert sampled == [p for p in prompts for _ in range(2)]
+    assert [p for s, b in asked if not s for p in b] == prompts
+    assert out["sampled"]["agreement"] == 0.5 and len(out["sampled"]["texts"]) == 10
+    assert out["greedy"]["agreement"] == pytest.approx(3 / 5)  # answers 0, 2, 4 of five
+
+
+def test_ollama_draws_ask_each_prompt_at_a_seed_per_draw(assets, tmp_path):
+    def by_seed(messages, fmt, options):  # right at even seeds, chatter at odd ones
+        spec = spec_from_prompt(messages[-1]["content"])
+        return format_advice(rule_action(spec), "why") if options.get("seed", 0) % 2 == 0 else "Nice chip!"
+
+    with LoopbackOllama(sources={"flip": by_seed}) as server:
+        rc = main(["eval", "--ollama_models", "flip", "--ollama_host", server.url, "--data", assets["data"],
+                   "--n", str(N), "--draws", "3", "--output_dir", str(tmp_path)])
+        chats = server.chat_requests()
+    assert rc == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())["models"]["flip"]
+    assert m["agreement_greedy"] == 1.0
+    assert m["agreement_sampled"] == pytest.approx(2 / 3)  # seeds 0, 1, 2
+    assert len(chats) == N + 3 * N

@@ -619,3 +619,27 @@ def test_steppers_bypass_accelerate_only_where_it_adds_nothing(distributed: str,
     else:
         assert [opt for _, opt in got] == wrapped
         assert all(clip == acc.clip_grad_norm_ for clip, _ in got)
+
+
+def test_eval_draws_reach_both_evaluation_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval_draws is handed to the agreement pass and to the reward pass of PPO's evaluation."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import rlhf.ppo.trainer as trainer
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_evaluate_model(model, tok, prompts, **kw):
+        calls.append(kw)
+        judged = {"agreement": 0.5, "json_valid": 1.0, "mean_length": 3.0, "action_share": {}, "samples": [],
+                  "reward_mean": 0.25}
+        return {"greedy": judged, "sampled": judged}
+
+    monkeypatch.setattr(trainer, "evaluate_model", fake_evaluate_model)
+    owner = SimpleNamespace(eval_prompts=[[{"role": "user", "content": "x"}]], tok=None, reward_fn=None,
+                            cfg=SimpleNamespace(temperature=0.7, response_length=8, seed=0, eval_draws=4),
+                            inner=SimpleNamespace(policy=None), runner=SimpleNamespace(all_threads=nullcontext))
+    out = trainer.PPOTrainer.evaluate(owner)
+    assert [kw["draws"] for kw in calls] == [4, 4]
+    assert out["agreement_sampled"] == 0.5 and out["reward_mean"] == 0.25

@@ -15,8 +15,8 @@ from rlhf.rewards import check_reward_weights
 # Keys a resumed run may change: outputs, logging, checkpoint cadence, threading. Any other
 # difference from the checkpoint's settings would silently mix two trainings.
 NOT_TRAINING = frozenset({"output_dir", "resume", "overwrite", "log_every", "sample_every", "save_every",
-                          "keep_checkpoints", "report_to", "eval_prompts", "collapse_share", "parallel_value",
-                          "gc_freeze"})
+                          "keep_checkpoints", "report_to", "eval_prompts", "eval_draws", "collapse_share",
+                          "parallel_value", "gc_freeze"})
 
 
 @dataclass
@@ -119,6 +119,8 @@ class PPOConfig(ModelOptions):
     log_every: int = field(1, help="log metrics every N updates", min=1)
     sample_every: int = field(10, help="print sample completions every N updates (0: never)", min=0)
     eval_prompts: int = field(200, help="held-out prompts for agreement before and after (0: skip)", min=0)
+    eval_draws: int = field(1, help="sampled answers per held-out prompt in the sampled evaluation (agreement_sampled "
+                                    "and reward_mean average them): 4 halves the sampling noise of 1", min=1)
     save_every: int = field(10, help="checkpoint every N updates (0: only at the end)", min=0)
     keep_checkpoints: int = field(2, help="checkpoints kept on disk", min=1)
     resume: bool = field(True, help="continue from the last checkpoint in output_dir when there is one (refused "

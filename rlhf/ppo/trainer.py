@@ -349,7 +349,7 @@ class PPOTrainer:
         out: dict[str, Any] = {}
         with self.runner.all_threads():
             judged = evaluate_model(policy, self.tok, self.eval_prompts, temperature=cfg.temperature,
-                                    max_new_tokens=cfg.response_length, seed=cfg.seed + 12345)
+                                    max_new_tokens=cfg.response_length, seed=cfg.seed + 12345, draws=cfg.eval_draws)
             for mode in ("greedy", "sampled"):
                 for key in ("agreement", "json_valid", "mean_length", "action_share"):
                     out[f"{key}_{mode}"] = judged[mode][key]
@@ -359,7 +359,8 @@ class PPOTrainer:
             # its own, at its own seed, in one batch
             scored = evaluate_model(policy, self.tok, self.eval_prompts, modes=("sampled",),
                                     temperature=cfg.temperature, max_new_tokens=cfg.response_length,
-                                    seed=cfg.seed + 999, batch_size=len(self.eval_prompts), score=self.reward_fn)
+                                    seed=cfg.seed + 999, batch_size=len(self.eval_prompts), score=self.reward_fn,
+                                    draws=cfg.eval_draws)
             out["reward_mean"] = scored["sampled"]["reward_mean"]
         return out
 
