@@ -164,13 +164,11 @@ def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: Mix
     sampled = [{"temperature": cfg.temperature, "seed": cfg.seed + d} for d in range(cfg.draws)]
     for mode, draws in (("greedy", [{"temperature": 0, "seed": cfg.seed}]), ("sampled", sampled)):
         answers[mode] = [text for options in draws for text in _ollama_answers(name, prompts, cfg, options)]
-        asked = prompts * len(draws)
+        asked = prompts * len(draws)  # the last pass's (the sampled one's) are what reward_mean scores
         judged[mode] = judge_answers(asked, answers[mode], finished * len(draws), length_tok=length_tok,
                                      n_samples=cfg.n_samples)
         out[f"agreement_{mode}"], out[f"json_valid_{mode}"] = judged[mode]["agreement"], judged[mode]["json_valid"]
-    sampled_prompts = prompts * cfg.draws
-    out["reward_mean"] = (float(scorer(sampled_prompts, answers["sampled"], finished * cfg.draws).mean())
-                          if scorer else None)
+    out["reward_mean"] = float(scorer(asked, answers["sampled"], [True] * len(asked)).mean()) if scorer else None
     out["kl_to_reference"] = None  # Ollama returns no token log-probabilities
     out["mean_length"] = judged["greedy"]["mean_length"]
     out["samples"] = judged["greedy"]["samples"]
