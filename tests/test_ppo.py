@@ -643,3 +643,22 @@ def test_eval_draws_reach_both_evaluation_passes(monkeypatch: pytest.MonkeyPatch
     out = trainer.PPOTrainer.evaluate(owner)
     assert [kw["draws"] for kw in calls] == [4, 4]
     assert out["agreement_sampled"] == 0.5 and out["reward_mean"] == 0.25
+
+
+def test_early_stop_log_ratio_stops_the_policys_steps_once_a_token_moved(tiny_stack: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    """Off (and at a bound no token reaches) every epoch steps the policy, with the same numbers; at
+    a bound the first step already crosses, only that first step is taken in each update, while the
+    value model keeps stepping."""
+    runs = {}
+    for name, bound in (("off", 0.0), ("never", 1e9), ("first", 1e-9)):
+        out = tmp_path / name
+        run(build(PPOConfig, ppo_args(tiny_stack, out, total_episodes=24, eval_prompts=0,
+                                      early_stop_log_ratio=bound), "t"))
+        runs[name] = logged(out)
+    assert [r["policy_steps"] for r in runs["off"]] == [4, 4, 4]
+    assert all(r["max_log_ratio"] > 0 for r in runs["off"])
+    assert runs["never"] == runs["off"]
+    assert [r["policy_steps"] for r in runs["first"]] == [1, 1, 1]
+    assert all(r["grad_norm_value"] > 0 for r in runs["first"])
+    assert runs["first"][-1]["kl"] != runs["off"][-1]["kl"]

@@ -111,7 +111,10 @@ class PPOConfig(ModelOptions):
     lam: float = field(0.95, help="GAE lambda", min=0, max=1)
     max_grad_norm: float = field(1.0, help="per-model gradient-norm clip (0: off, as in TRL 1.12's PPO); with "
                                  "Adam, clipping spikes raises the typical step: see README, bench", min=0)
-    early_stop_kl: float = field(0.0, help="stop an epoch when approx KL exceeds this (0: off)", min=0)
+    early_stop_kl: float = field(0.0, help="stop an update's epochs when approx KL exceeds this (0: off)", min=0)
+    early_stop_log_ratio: float = field(0.0, help="stop the policy's steps of an update once one response token's "
+                                        "log-probability has moved more than this many nats from the rollout's "
+                                        "(|log ratio|, max over a minibatch; 0: off)", min=0)
     value_warmup_updates: int = field(0, help="first N updates train the value model only (critic warm-up)", min=0)
     collapse_share: float = field(0.9, help="warn when one action takes more than this share of a batch while "
                                             "batch agreement has not risen", gt=0, max=1)

@@ -214,6 +214,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         "clipfrac": masked_mean((clipped > unclipped).float(), mask),
         "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
         "ratio_mean": masked_mean(ratio, mask),
+        # the largest move of one token: the mean above hides a single token's collapse
+        "max_log_ratio": (log_ratio.detach().abs() * mask).max(),
     }
     return loss, stats
 

@@ -17,9 +17,10 @@ if TYPE_CHECKING:  # for the annotation only: the report imports CURVES without 
     from rlhf.ppo.rollout import Rollout
 
 # The per-update curves of ppo_curves.png and the report: learning (score, batch agreement), the
-# leash (KL), collapse (entropy at the action token, each action's share) and the critic.
+# leash (KL), collapse (entropy at the action token, each action's share), the critic, and the
+# largest single-token move of an update (what early_stop_log_ratio bounds).
 CURVES = ["score_mean", "agreement_batch", "kl", "entropy_decision",
-          *(f"action_share_{a}" for a in ACTIONS), "vf_loss", "clipfrac", "response_length"]
+          *(f"action_share_{a}" for a in ACTIONS), "vf_loss", "clipfrac", "max_log_ratio", "response_length"]
 
 
 class CollapseWatch:

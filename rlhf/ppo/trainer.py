@@ -47,7 +47,8 @@ from rlhf.training import quiet_transformers
 __all__ = ["PPOConfig", "run"]
 
 LOSS_STATS = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")  # one value per micro-batch
-NORM_STATS = ("grad_norm_policy", "grad_norm_value")  # one value per minibatch (optimizer step)
+# one value per minibatch (optimizer step); max_log_ratio: the largest single-token move before the step
+NORM_STATS = ("grad_norm_policy", "grad_norm_value", "max_log_ratio")
 
 
 class PPOTrainer:
@@ -204,13 +205,14 @@ class PPOTrainer:
         micro = mb // cfg.gradient_accumulation_steps
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + update)  # minibatch order: resumable
         graphs = batch.take_graphs()  # the rollout's forwards: the first step's, rows in order
-        stats: dict[str, list[float]] = {k: [] for k in (*LOSS_STATS, *NORM_STATS)}
+        stats: dict[str, list[float]] = {k: [] for k in (*LOSS_STATS, *NORM_STATS, "policy_steps")}
         for epoch in range(cfg.num_ppo_epochs):
             perm = _shuffled_rows(n, self.group, gen)
             if graphs is not None and epoch == 0:
                 perm = torch.arange(n)  # one minibatch: the order only changes the float rounding
             stop_epoch = False
             for start in range(0, n, mb):
+                moved = 0.0  # the minibatch's largest single-token |log ratio| before this step
                 for k in range(start, start + mb, micro):
                     rows = batch.rows(perm[k:k + micro].to(self.device))
                     last_micro = k + micro >= start + mb  # DDP averages the gradients once per minibatch
@@ -219,13 +221,18 @@ class PPOTrainer:
                     for key, val in zip(LOSS_STATS, (pg_loss, vf_loss, pst["clipfrac"], pst["approx_kl"],
                                                      vst["vf_clipfrac"]), strict=True):
                         stats[key].append(float(val.detach()))
+                    moved = max(moved, float(pst["max_log_ratio"]))
                     if "aux_value_loss" in pst:  # logged only where there is the head
                         stats.setdefault("aux_value_loss", []).append(float(pst["aux_value_loss"]))
+                stats["max_log_ratio"].append(moved)
+                if policy_steps and 0 < cfg.early_stop_log_ratio < self._largest(moved):
+                    policy_steps = False  # this step's gradient is dropped too: it would push that token further
                 # each model steps on its own thread where the runner has two
                 norm_value, norm_policy = self.runner.run(partial(self._optimizer_step, 1),
                                                           partial(self._optimizer_step, 0, policy_steps))
                 stats["grad_norm_policy"].append(float(norm_policy))
                 stats["grad_norm_value"].append(float(norm_value))
+                stats["policy_steps"].append(float(policy_steps))
                 if cfg.early_stop_kl > 0:  # the policy moved far from the rollout's: stop this epoch
                     akl = self.acc.reduce(torch.tensor(stats["approx_kl"][-1], device=self.device), "mean")
                     if float(akl) > cfg.early_stop_kl:
@@ -235,7 +242,16 @@ class PPOTrainer:
                 break
         for scheduler in self.schedulers:
             scheduler.step()
-        return {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+        out = {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
+        out["max_log_ratio"] = max(stats["max_log_ratio"])  # the update's largest, not a mean of maxima
+        out["policy_steps"] = sum(stats["policy_steps"])  # of num_ppo_epochs x num_mini_batches
+        return out
+
+    def _largest(self, value: float) -> float:
+        """The largest of `value` over the processes, so all of them stop stepping together."""
+        if self.world == 1:
+            return value
+        return float(self.acc.gather(torch.tensor([value], device=self.device)).max())
 
     def _backward(self, mb: Minibatch, graphs: tuple[torch.Tensor, torch.Tensor] | None, update: int,
                   sync: bool) -> tuple[tuple[torch.Tensor, dict[str, torch.Tensor]], ...]:
