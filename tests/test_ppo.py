@@ -183,12 +183,16 @@ def test_two_processes_each_roll_out_their_share(tiny_stack: dict[str, str], tmp
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**cli_env(), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531",
-                           str(REPO_ROOT / "scripts" / "ppo.py"), *_ppo_cmd(tiny_stack, out, total_episodes=32)],
+                           str(REPO_ROOT / "scripts" / "ppo.py"),
+                           # a bound the first step crosses (the float rounding of two forwards stays below it): both
+                           # processes must stop stepping together
+                           *_ppo_cmd(tiny_stack, out, total_episodes=32, early_stop_log_ratio=1e-4)],
                           env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["updates"] == 4 and m["episodes"] == 32
     assert "world size 2" in proc.stdout
+    assert [r["policy_steps"] for r in logged(out)] == [1, 1, 1, 1]
 
 
 def test_logprobs_recorded_while_sampling_feed_the_update(tiny_stack: dict[str, str], tmp_path: Path,
