@@ -195,7 +195,9 @@ class PPOTrainer:
 
     def learn(self, batch: Rollout, update: int) -> dict[str, float]:
         """Step 5: num_ppo_epochs passes over the batch in shuffled minibatches, each one optimizer
-        step per model over its gradient_accumulation_steps micro-batches; the means of the stats."""
+        step per model over its gradient_accumulation_steps micro-batches; the means of the stats
+        (max_log_ratio: the largest; policy_steps: how many the policy took, fewer once a token moved
+        past early_stop_log_ratio)."""
         cfg = self.cfg
         self.model.train()
         # critic warm-up: the value model learns per-chip baselines before the policy moves on them
@@ -233,7 +235,7 @@ class PPOTrainer:
                 stats["grad_norm_policy"].append(float(norm_policy))
                 stats["grad_norm_value"].append(float(norm_value))
                 stats["policy_steps"].append(float(policy_steps))
-                if cfg.early_stop_kl > 0:  # the policy moved far from the rollout's: stop this epoch
+                if cfg.early_stop_kl > 0:  # the policy moved far from the rollout's: stop the update's epochs
                     akl = self.acc.reduce(torch.tensor(stats["approx_kl"][-1], device=self.device), "mean")
                     if float(akl) > cfg.early_stop_kl:
                         stop_epoch = True
