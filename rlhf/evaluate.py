@@ -164,11 +164,12 @@ def eval_ollama(name: str, prompts: list[Messages], cfg: EvalConfig, scorer: Mix
     sampled = [{"temperature": cfg.temperature, "seed": cfg.seed + d} for d in range(cfg.draws)]
     for mode, draws in (("greedy", [{"temperature": 0, "seed": cfg.seed}]), ("sampled", sampled)):
         answers[mode] = [text for options in draws for text in _ollama_answers(name, prompts, cfg, options)]
-        asked = prompts * len(draws)  # the last pass's (the sampled one's) are what reward_mean scores
-        judged[mode] = judge_answers(asked, answers[mode], finished * len(draws), length_tok=length_tok,
+        # the last pass's (the sampled one's) are what reward_mean scores
+        asked, asked_finished = prompts * len(draws), finished * len(draws)
+        judged[mode] = judge_answers(asked, answers[mode], asked_finished, length_tok=length_tok,
                                      n_samples=cfg.n_samples)
         out[f"agreement_{mode}"], out[f"json_valid_{mode}"] = judged[mode]["agreement"], judged[mode]["json_valid"]
-    out["reward_mean"] = float(scorer(asked, answers["sampled"], [True] * len(asked)).mean()) if scorer else None
+    out["reward_mean"] = float(scorer(asked, answers["sampled"], asked_finished).mean()) if scorer else None
     out["kl_to_reference"] = None  # Ollama returns no token log-probabilities
     out["mean_length"] = judged["greedy"]["mean_length"]
     out["samples"] = judged["greedy"]["samples"]

@@ -100,7 +100,7 @@ def test_policy_loss_clipping_by_hand():
     assert st["clipfrac"].item() == pytest.approx(1 / 3)
     assert st["approx_kl"].item() == pytest.approx(0.125)
     # padding does not count
-    loss_pad, st_pad = core.policy_loss(new, old, adv, torch.tensor([[1, 0, 0]]), cliprange=0.2)
+    loss_pad, _ = core.policy_loss(new, old, adv, torch.tensor([[1, 0, 0]]), cliprange=0.2)
     assert loss_pad.item() == pytest.approx(-1.2)
     # the largest single-token move, over the tokens that count only
     assert st["max_log_ratio"].item() == pytest.approx(0.5)

@@ -47,8 +47,9 @@ from rlhf.training import quiet_transformers
 __all__ = ["PPOConfig", "run"]
 
 LOSS_STATS = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")  # one value per micro-batch
-# one value per minibatch (optimizer step); max_log_ratio: the largest single-token move before the step
-NORM_STATS = ("grad_norm_policy", "grad_norm_value", "max_log_ratio")
+# one value per minibatch (optimizer step); max_log_ratio: the largest single-token move before the
+# step; policy_steps: 1 where the policy stepped
+STEP_STATS = ("grad_norm_policy", "grad_norm_value", "max_log_ratio", "policy_steps")
 
 
 class PPOTrainer:
@@ -207,7 +208,7 @@ class PPOTrainer:
         micro = mb // cfg.gradient_accumulation_steps
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + update)  # minibatch order: resumable
         graphs = batch.take_graphs()  # the rollout's forwards: the first step's, rows in order
-        stats: dict[str, list[float]] = {k: [] for k in (*LOSS_STATS, *NORM_STATS, "policy_steps")}
+        stats: dict[str, list[float]] = {k: [] for k in (*LOSS_STATS, *STEP_STATS)}
         for epoch in range(cfg.num_ppo_epochs):
             perm = _shuffled_rows(n, self.group, gen)
             if graphs is not None and epoch == 0:
