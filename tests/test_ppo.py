@@ -666,3 +666,65 @@ def test_early_stop_log_ratio_stops_the_policys_steps_once_a_token_moved(tiny_st
     assert [r["policy_steps"] for r in runs["first"]] == [1, 1, 1]
     assert all(r["grad_norm_value"] > 0 for r in runs["first"])
     assert runs["first"][-1]["kl"] != runs["off"][-1]["kl"]
+
+
+def test_undo_step_past_bound_puts_back_the_step_that_crossed(tiny_stack: dict[str, str], tmp_path: Path) -> None:
+    """At a bound the first step crosses, that step is undone in every update: the policy leaves PPO
+    as it came in, weight for weight, while the value model learns. At a bound no token reaches, the
+    run is the plain one (the extra forward after the last step changes nothing but the stat)."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, bound, undo in (("off", 0.0, False), ("never", 1e9, True), ("first", 1e-9, True)):
+        out = tmp_path / name
+        run(build(PPOConfig, ppo_args(tiny_stack, out, total_episodes=24, eval_prompts=0,
+                                      early_stop_log_ratio=bound, undo_step_past_bound=undo), "t"))
+        runs[name] = logged(out)
+    plain = [{k: v for k, v in r.items() if k != "max_log_ratio"} for r in runs["off"]]
+    assert [{k: v for k, v in r.items() if k != "max_log_ratio"} for r in runs["never"]] == plain
+    # the "never" run also measures the move after the last step, which the plain run never sees
+    assert all(n["max_log_ratio"] >= o["max_log_ratio"] for n, o in zip(runs["never"], runs["off"], strict=True))
+    assert [r["policy_steps"] for r in runs["first"]] == [0, 0, 0]
+    assert all(r["grad_norm_value"] > 0 for r in runs["first"])
+    sft = load_file(str(Path(tiny_stack["sft"]) / "model.safetensors"))
+    after = load_file(str(tmp_path / "first" / "policy" / "model.safetensors"))
+    assert sft.keys() == after.keys() and all(torch.equal(sft[k], after[k]) for k in sft)
+    with pytest.raises(UserError, match="undo_step_past_bound needs a bound"):
+        build(PPOConfig, ppo_args(tiny_stack, tmp_path / "x", undo_step_past_bound=True), "t")
+
+
+def test_step_undo_restores_weights_and_adam_state_exactly() -> None:
+    """save, step, restore, step: the same weights and Adam state as one step from the start."""
+    from rlhf.ppo.undo import StepUndo
+
+    def make() -> tuple[torch.nn.Linear, torch.optim.AdamW]:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 3)
+        return layer, torch.optim.AdamW(layer.parameters(), lr=0.1)
+
+    def step(layer: torch.nn.Linear, opt: torch.optim.AdamW, scale: float) -> None:
+        layer(torch.ones(2, 4)).pow(2).sum().mul(scale).backward()
+        opt.step()
+        opt.zero_grad()
+
+    ref, ref_opt = make()
+    step(ref, ref_opt, 1.0)
+    step(ref, ref_opt, 1.0)
+    layer, opt = make()
+    step(layer, opt, 1.0)
+    undo = StepUndo(list(layer.parameters()), opt)
+    undo.save()
+    step(layer, opt, 50.0)  # the step to undo
+    assert not torch.equal(layer.weight, ref.weight)
+    undo.restore()
+    assert not undo.saved
+    step(layer, opt, 1.0)
+    assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)
+    for p, q in zip(layer.parameters(), ref.parameters(), strict=True):
+        assert all(torch.equal(opt.state[p][k], ref_opt.state[q][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    fresh, fresh_opt = make()  # undone before the optimizer's first step: no state is left behind
+    first = StepUndo(list(fresh.parameters()), fresh_opt)
+    first.save()
+    step(fresh, fresh_opt, 1.0)
+    first.restore()
+    assert not fresh_opt.state and torch.equal(fresh.weight, make()[0].weight)

@@ -115,6 +115,9 @@ class PPOConfig(ModelOptions):
     early_stop_log_ratio: float = field(0.0, help="stop the policy's steps of an update once one response token's "
                                         "log-probability has moved more than this many nats from the rollout's "
                                         "(|log ratio|, max over a minibatch; 0: off)", min=0)
+    undo_step_past_bound: bool = field(False, help="with early_stop_log_ratio: the policy step that moved a token "
+                                       "past the bound is undone (weights and Adam state put back), so each "
+                                       "update ends within it; one extra forward checks the update's last step")
     value_warmup_updates: int = field(0, help="first N updates train the value model only (critic warm-up)", min=0)
     collapse_share: float = field(0.9, help="warn when one action takes more than this share of a batch while "
                                             "batch agreement has not risen", gt=0, max=1)
@@ -157,6 +160,9 @@ class PPOConfig(ModelOptions):
         if self.score_baseline == "group" and self.samples_per_prompt < 2:
             raise UserError("score_baseline 'group' needs samples_per_prompt >= 2 (each answer is compared "
                             "with its siblings); set --samples_per_prompt 4 or --score_baseline none")
+        if self.undo_step_past_bound and not self.early_stop_log_ratio:
+            raise UserError("undo_step_past_bound needs a bound: set --early_stop_log_ratio (e.g. 1.5) or "
+                            "--undo_step_past_bound false")
         if self.total_episodes < self.batch_size:
             raise UserError(f"total_episodes ({self.total_episodes}) must be at least batch_size ({self.batch_size})")
         if self.total_episodes % self.batch_size:  # updates are whole batches: the rest would silently not run

@@ -214,10 +214,14 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         "clipfrac": masked_mean((clipped > unclipped).float(), mask),
         "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
         "ratio_mean": masked_mean(ratio, mask),
-        # the largest move of one token: the mean above hides a single token's collapse
-        "max_log_ratio": (log_ratio.detach().abs() * mask).max(),
+        "max_log_ratio": max_log_ratio(logp.detach(), old_logp, mask),
     }
     return loss, stats
+
+
+def max_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """The largest |log pi/pi_old| of one valid token: the mean move hides a single token's collapse."""
+    return ((logp - old_logp).abs() * mask).max()
 
 
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,

@@ -41,6 +41,7 @@ from rlhf.ppo.models import PolicyAndValue, load_models
 from rlhf.ppo.offsets import CanonicalBaselines, check_canonical_prompts, probe_action_offsets
 from rlhf.ppo.parallel import make_runner
 from rlhf.ppo.rollout import Collector, Minibatch, Prompt, PromptStream, Rollout, rows_kept_together
+from rlhf.ppo.undo import StepUndo
 from rlhf.rewards import build_reward
 from rlhf.training import quiet_transformers
 
@@ -93,6 +94,7 @@ class PPOTrainer:
         self.model, *self.optimizers = self.acc.prepare(self.model, *optimizers)
         self.inner: PolicyAndValue = self.acc.unwrap_model(self.model)  # without its DDP wrapper; 0.14 ms a call
         self._steppers = _steppers(self.acc, self.optimizers)
+        self._undo = StepUndo(self._policy_params, self._steppers[0][1]) if cfg.undo_step_past_bound else None
         self.kl_ctl = core.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl else None
         self.kl_coef = cfg.kl_coef
         self.start_update = 0
@@ -209,6 +211,8 @@ class PPOTrainer:
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + update)  # minibatch order: resumable
         graphs = batch.take_graphs()  # the rollout's forwards: the first step's, rows in order
         stats: dict[str, list[float]] = {k: [] for k in (*LOSS_STATS, *STEP_STATS)}
+        undo = self._undo  # None unless undo_step_past_bound: then it holds the state before the last step
+        undone = 0
         for epoch in range(cfg.num_ppo_epochs):
             perm = _shuffled_rows(n, self.group, gen)
             if graphs is not None and epoch == 0:
@@ -230,6 +234,11 @@ class PPOTrainer:
                 stats["max_log_ratio"].append(moved)
                 if policy_steps and 0 < cfg.early_stop_log_ratio < self._largest(moved):
                     policy_steps = False  # this step's gradient is dropped too: it would push that token further
+                    if undo is not None and undo.saved:  # and the step that carried it past is undone
+                        undo.restore()
+                        undone += 1
+                if undo is not None and policy_steps:
+                    undo.save()
                 # each model steps on its own thread where the runner has two
                 norm_value, norm_policy = self.runner.run(partial(self._optimizer_step, 1),
                                                           partial(self._optimizer_step, 0, policy_steps))
@@ -243,12 +252,34 @@ class PPOTrainer:
                         break
             if stop_epoch:
                 break
+        if undo is not None and undo.saved:  # the last step: no epoch's forward has seen it
+            moved = self._largest(self._largest_move(batch))
+            stats["max_log_ratio"].append(moved)
+            if moved > cfg.early_stop_log_ratio:
+                undo.restore()
+                undone += 1
+            undo.clear()
         for scheduler in self.schedulers:
             scheduler.step()
         out = {k: float(np.mean(v)) if v else float("nan") for k, v in stats.items()}
         out["max_log_ratio"] = max(stats["max_log_ratio"])  # the update's largest, not a mean of maxima
-        out["policy_steps"] = sum(stats["policy_steps"])  # of num_ppo_epochs x num_mini_batches
+        out["policy_steps"] = sum(stats["policy_steps"]) - undone  # of num_ppo_epochs x num_mini_batches
         return out
+
+    @torch.no_grad()
+    def _largest_move(self, batch: Rollout) -> float:
+        """The largest single-token |log pi/pi_old| over this process's batch, one forward of the policy."""
+        n = batch.ids.shape[0]
+        micro = n // self.cfg.num_mini_batches // self.cfg.gradient_accumulation_steps
+        moved = 0.0
+        for k in range(0, n, micro):
+            mb = batch.rows(torch.arange(k, k + micro, device=self.device))
+            with self.acc.autocast():
+                logits, _ = self.inner.policy_outputs(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk,
+                                                      groups=mb.groups)
+            logp = core.logprobs_of(logits, mb.response, self.cfg.temperature)
+            moved = max(moved, float(core.max_log_ratio(logp, mb.logp, mb.mask)))
+        return moved
 
     def _largest(self, value: float) -> float:
         """The largest of `value` over the processes, so all of them stop stepping together."""
