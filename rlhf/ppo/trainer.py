@@ -199,8 +199,8 @@ class PPOTrainer:
     def learn(self, batch: Rollout, update: int) -> dict[str, float]:
         """Step 5: num_ppo_epochs passes over the batch in shuffled minibatches, each one optimizer
         step per model over its gradient_accumulation_steps micro-batches; the means of the stats
-        (max_log_ratio: the largest; policy_steps: how many the policy took, fewer once a token moved
-        past early_stop_log_ratio)."""
+        (max_log_ratio: the largest; policy_steps: how many the policy took and kept, fewer once a
+        token moved past early_stop_log_ratio, and with undo_step_past_bound less the undone one)."""
         cfg = self.cfg
         self.model.train()
         # critic warm-up: the value model learns per-chip baselines before the policy moves on them
