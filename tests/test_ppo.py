@@ -655,11 +655,16 @@ def test_early_stop_log_ratio_stops_the_policys_steps_once_a_token_moved(tiny_st
     a bound the first step already crosses, only that first step is taken in each update, while the
     value model keeps stepping."""
     runs = {}
-    for name, bound in (("off", 0.0), ("never", 1e9), ("first", 1e-9)):
+    for name, bound, min_prob in (("off", 0.0, 0.0), ("never", 1e9, 0.0), ("first", 1e-9, 0.0),
+                                  ("none_watched", 1e-9, 1.0)):
         out = tmp_path / name
         run(build(PPOConfig, ppo_args(tiny_stack, out, total_episodes=24, eval_prompts=0,
-                                      early_stop_log_ratio=bound), "t"))
+                                      early_stop_log_ratio=bound, early_stop_min_prob=min_prob), "t"))
         runs[name] = logged(out)
+    # early_stop_min_prob 1: no sampled token is that sure, so the bound watches none and never stops
+    assert [r["max_log_ratio"] for r in runs["none_watched"]] == [0.0, 0.0, 0.0]
+    assert [{k: v for k, v in r.items() if k != "max_log_ratio"} for r in runs["none_watched"]] == \
+        [{k: v for k, v in r.items() if k != "max_log_ratio"} for r in runs["off"]]
     assert [r["policy_steps"] for r in runs["off"]] == [4, 4, 4]
     assert all(r["max_log_ratio"] > 0 for r in runs["off"])
     assert runs["never"] == runs["off"]

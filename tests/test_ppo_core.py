@@ -106,6 +106,13 @@ def test_policy_loss_clipping_by_hand():
     assert st["max_log_ratio"].item() == pytest.approx(0.5)
     moved = torch.tensor([[0.1, -3.0, 9.0]])
     assert core.policy_loss(moved, old, adv, torch.tensor([[1, 1, 0]]))[1]["max_log_ratio"].item() == 3.0
+    # watch_min_prob: only the tokens sampled with at least that probability count (here p_old 0.95,
+    # 0.2, 0.95: the middle token's 3-nat move is left out, the sure tokens' 0.1 and 9.0 are seen)
+    sure = torch.log(torch.tensor([[0.95, 0.2, 0.95]]))
+    watched = core.policy_loss(sure + moved, sure, adv, mask, watch_min_prob=0.9)[1]["max_log_ratio"]
+    assert watched.item() == pytest.approx(9.0)
+    watched = core.policy_loss(sure + moved, sure, adv, torch.tensor([[1, 1, 0]]), watch_min_prob=0.9)[1]
+    assert watched["max_log_ratio"].item() == pytest.approx(0.1)
 
 
 def test_value_loss_clipping_by_hand():

@@ -115,6 +115,10 @@ class PPOConfig(ModelOptions):
     early_stop_log_ratio: float = field(0.0, help="stop the policy's steps of an update once one response token's "
                                         "log-probability has moved more than this many nats from the rollout's "
                                         "(|log ratio|, max over a minibatch; 0: off)", min=0)
+    early_stop_min_prob: float = field(0.0, help="only tokens the rollout sampled with at least this probability "
+                                       "count toward early_stop_log_ratio (0: every token): a token the policy "
+                                       "was sure of losing its mass breaks the format, while the token that "
+                                       "picks an answer moving far is learning", min=0, max=1)
     undo_step_past_bound: bool = field(False, help="with early_stop_log_ratio: the policy step that moved a token "
                                        "past the bound is undone (weights and Adam state put back), so each "
                                        "update ends within it; one extra forward checks the update's last step")

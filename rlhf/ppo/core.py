@@ -203,8 +203,9 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                cliprange: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate: mean over valid tokens of max(-A r, -A clip(r, 1-e, 1+e))."""
+                cliprange: float = 0.2, watch_min_prob: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate: mean over valid tokens of max(-A r, -A clip(r, 1-e, 1+e)). The stat
+    max_log_ratio covers the tokens sampled with probability >= watch_min_prob (0: every token)."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -214,13 +215,16 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         "clipfrac": masked_mean((clipped > unclipped).float(), mask),
         "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
         "ratio_mean": masked_mean(ratio, mask),
-        "max_log_ratio": max_log_ratio(logp.detach(), old_logp, mask),
+        "max_log_ratio": max_log_ratio(logp.detach(), old_logp, mask, watch_min_prob),
     }
     return loss, stats
 
 
-def max_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
-    """The largest |log pi/pi_old| of one valid token: the mean move hides a single token's collapse."""
+def max_log_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor, min_prob: float = 0.0) -> Tensor:
+    """The largest |log pi/pi_old| of one valid token that pi_old sampled with probability at least
+    `min_prob`: the mean move hides a single token's collapse."""
+    if min_prob > 0:
+        mask = mask * (old_logp >= math.log(min_prob))
     return ((logp - old_logp).abs() * mask).max()
 
 

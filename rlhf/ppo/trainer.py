@@ -278,7 +278,7 @@ class PPOTrainer:
                 logits, _ = self.inner.policy_outputs(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk,
                                                       groups=mb.groups)
             logp = core.logprobs_of(logits, mb.response, self.cfg.temperature)
-            moved = max(moved, float(core.max_log_ratio(logp, mb.logp, mb.mask)))
+            moved = max(moved, float(core.max_log_ratio(logp, mb.logp, mb.mask, self.cfg.early_stop_min_prob)))
         return moved
 
     def _largest(self, value: float) -> float:
@@ -312,7 +312,8 @@ class PPOTrainer:
                 logits, aux = self.inner.policy_outputs(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk,
                                                         groups=mb.groups)
             new_logp = core.logprobs_of(logits, mb.response, cfg.temperature)
-        pg_loss, pst = core.policy_loss(new_logp, mb.logp, mb.advantages, mb.mask, cfg.cliprange)
+        pg_loss, pst = core.policy_loss(new_logp, mb.logp, mb.advantages, mb.mask, cfg.cliprange,
+                                        cfg.early_stop_min_prob)
         loss = pg_loss
         if aux is not None:  # the policy's layers learn to predict the returns too (PPG)
             aux_loss = core.aux_value_loss(aux, mb.returns, mb.mask)
