@@ -696,6 +696,8 @@ def test_undo_step_past_bound_puts_back_the_step_that_crossed(tiny_stack: dict[s
     assert sft.keys() == after.keys() and all(torch.equal(sft[k], after[k]) for k in sft)
     with pytest.raises(UserError, match="undo_step_past_bound needs a bound"):
         build(PPOConfig, ppo_args(tiny_stack, tmp_path / "x", undo_step_past_bound=True), "t")
+    with pytest.raises(UserError, match="early_stop_min_prob says which tokens the bound watches"):
+        build(PPOConfig, ppo_args(tiny_stack, tmp_path / "x", early_stop_min_prob=0.9), "t")
 
 
 def test_step_undo_restores_weights_and_adam_state_exactly() -> None:

@@ -164,6 +164,9 @@ class PPOConfig(ModelOptions):
         if self.score_baseline == "group" and self.samples_per_prompt < 2:
             raise UserError("score_baseline 'group' needs samples_per_prompt >= 2 (each answer is compared "
                             "with its siblings); set --samples_per_prompt 4 or --score_baseline none")
+        if self.early_stop_min_prob and not self.early_stop_log_ratio:
+            raise UserError("early_stop_min_prob says which tokens the bound watches, but there is no bound: set "
+                            "--early_stop_log_ratio (e.g. 1.5) or --early_stop_min_prob 0")
         if self.undo_step_past_bound and not self.early_stop_log_ratio:
             raise UserError("undo_step_past_bound needs a bound: set --early_stop_log_ratio (e.g. 1.5) or "
                             "--undo_step_past_bound false")
