@@ -253,7 +253,7 @@ class PPOTrainer:
             if stop_epoch:
                 break
         if undo is not None and undo.saved:  # the last step: no epoch's forward has seen it
-            moved = self._largest(self._largest_move(batch))
+            moved = self._largest(self._largest_move(batch, micro))
             stats["max_log_ratio"].append(moved)
             if moved > cfg.early_stop_log_ratio:
                 undo.restore()
@@ -266,18 +266,22 @@ class PPOTrainer:
         out["policy_steps"] = sum(stats["policy_steps"]) - undone  # of num_ppo_epochs x num_mini_batches
         return out
 
+    def _policy_logprobs(self, mb: Minibatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward of the policy on `mb`: its response tokens' log-probs, and the auxiliary
+        value head's V(s_t) (None without the head)."""
+        with self.acc.autocast():
+            logits, aux = self.inner.policy_outputs(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk,
+                                                    groups=mb.groups)
+        return core.logprobs_of(logits, mb.response, self.cfg.temperature), aux
+
     @torch.no_grad()
-    def _largest_move(self, batch: Rollout) -> float:
-        """The largest single-token |log pi/pi_old| over this process's batch, one forward of the policy."""
-        n = batch.ids.shape[0]
-        micro = n // self.cfg.num_mini_batches // self.cfg.gradient_accumulation_steps
+    def _largest_move(self, batch: Rollout, micro: int) -> float:
+        """The largest single-token |log pi/pi_old| over this process's batch, in micro-batches of
+        `micro` rows, one forward of the policy."""
         moved = 0.0
-        for k in range(0, n, micro):
+        for k in range(0, batch.ids.shape[0], micro):
             mb = batch.rows(torch.arange(k, k + micro, device=self.device))
-            with self.acc.autocast():
-                logits, _ = self.inner.policy_outputs(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk,
-                                                      groups=mb.groups)
-            logp = core.logprobs_of(logits, mb.response, self.cfg.temperature)
+            logp, _ = self._policy_logprobs(mb)
             moved = max(moved, float(core.max_log_ratio(logp, mb.logp, mb.mask, self.cfg.early_stop_min_prob)))
         return moved
 
@@ -308,10 +312,7 @@ class PPOTrainer:
         auxiliary value head's loss at aux_value_coef where there is the head, backpropagated."""
         cfg = self.cfg
         if new_logp is None:
-            with self.acc.autocast():
-                logits, aux = self.inner.policy_outputs(mb.ids, mb.att, mb.n_resp, trunk=mb.policy_trunk,
-                                                        groups=mb.groups)
-            new_logp = core.logprobs_of(logits, mb.response, cfg.temperature)
+            new_logp, aux = self._policy_logprobs(mb)
         pg_loss, pst = core.policy_loss(new_logp, mb.logp, mb.advantages, mb.mask, cfg.cliprange,
                                         cfg.early_stop_min_prob)
         loss = pg_loss
